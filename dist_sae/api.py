@@ -1,0 +1,313 @@
+"""The Python API: train, evaluate, gradcheck, load. The CLI is a thin shell over these.
+
+`workers.engine` picks where passes run: `local` (this process, no Ray) or `ray` (parameter server
+and workers on a Ray cluster; a local one bound to 127.0.0.1 is started when no address is given).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import CHECKPOINTS, latest_checkpoint, save_checkpoint
+from .config import Config, load_config
+from .data import Dataset
+from .engine import bind_dataset, local_problem, minibatches
+from .errors import CheckpointError, ConfigError, DistSaeError, TrainingError
+from .model import CONFIG_FILE, MODEL_FILE, SparseAutoencoder, load_model, load_weights_into, save_model
+from .objective import Evaluation
+from .optim import Trainer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "run.json"
+# Config keys a resumed run may change freely: they do not change the maths of the run.
+RESUMABLE_CHANGES = ("optim.steps", "run.", "workers.", "data.prefetch", "data.path", "compute.threads")
+
+
+class Stepper(Protocol):
+    """A trainer, local or remote: what the training loop drives."""
+
+    converged: bool
+
+    def step(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final: dict[str, Any]  # the last metrics line
+    seconds: float
+    theta: np.ndarray
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ and that a resume may not change silently."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in keys
+        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+    ]
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run dir; refuse to mix two runs in one folder."""
+    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, MODEL_FILE))
+    if resume:
+        if not holds_run:
+            raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
+        return
+    if holds_run:
+        if not overwrite:
+            raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, MODEL_FILE, SUMMARY_FILE, "report"):
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def initial_theta(cfg: Config, init: str | Path | None) -> np.ndarray:
+    model = SparseAutoencoder.from_config(cfg)
+    if init is not None:
+        load_weights_into(model, init)
+    else:
+        model.reset_parameters(cfg.run.seed)
+    return model.theta.detach().numpy().copy()
+
+
+def _progress(cfg: Config, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    disable = cfg.run.quiet or not sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def train(
+    cfg: Config,
+    init: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_change: bool = False,
+) -> TrainResult:
+    """Train a sparse autoencoder as configured; outputs go to `cfg.run.out`.
+
+    Args:
+        cfg: the validated config; `data.path` and `run.out` must be set.
+        init: optional `.safetensors` with initial weights (W1, b1, ...).
+        resume: continue the newest valid checkpoint in the run dir.
+        overwrite: replace a run already in the run dir.
+        allow_change: let a resume change config keys that alter the run's maths, or use other data.
+
+    Raises:
+        DistSaeError subclasses naming the file, field or value at fault.
+    """
+    if not cfg.data.path:
+        raise ConfigError("no data: give --data DIR (or data.path=DIR)")
+    if not cfg.run.out:
+        raise ConfigError("no run directory: give --out DIR (or run.out=DIR)")
+    dataset = Dataset.open(cfg.data.path)
+    cfg = bind_dataset(cfg, dataset)
+    run_dir = Path(cfg.run.out)
+    checkpoint = None
+    if resume:
+        prepare_run_dir(run_dir, resume=True, overwrite=False)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise CheckpointError(f"--resume: {run_dir} has no valid checkpoint")
+        _check_resume(checkpoint[1], cfg, dataset, allow_change)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    cfg.save(run_dir / CONFIG_FILE)
+    session = open_session(cfg, dataset)
+    try:
+        stepper = session.stepper(initial_theta(cfg, init))
+        if checkpoint is not None:
+            stepper.load_state_dict(checkpoint[0])
+            log.info("resumed %s at step %d", run_dir, checkpoint[0]["meta"]["step"])
+        return _loop(cfg, dataset, run_dir, stepper)
+    finally:
+        session.close()
+
+
+def _check_resume(info: dict[str, Any], cfg: Config, dataset: Dataset, allow_change: bool) -> None:
+    problems = []
+    if info.get("fingerprint") != dataset.fingerprint:
+        problems.append(f"dataset fingerprint {info.get('fingerprint')} -> {dataset.fingerprint} ({dataset.path})")
+    problems += config_changes(info.get("config", {}), cfg.model_dump())
+    if problems and not allow_change:
+        raise CheckpointError(
+            "cannot resume: the run differs from its checkpoint in " + "; ".join(problems)
+            + ". Pass --allow-change to resume anyway"
+        )
+
+
+class LocalSession:
+    """Passes in this process. Sessions give `problem` (exact evaluations) and `stepper(theta0)`."""
+
+    num_workers = 1
+
+    def __init__(self, cfg: Config, dataset: Dataset) -> None:
+        self.cfg, self.dataset = cfg, dataset
+        self.problem = local_problem(cfg, dataset)
+
+    def stepper(self, theta0: np.ndarray) -> Trainer:
+        parts = self.cfg.optim.batch_parts or self.num_workers
+        batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
+        return Trainer(self.cfg, self.problem, theta0, batches)
+
+    def close(self) -> None:
+        self.problem.evaluator.close()
+
+
+def open_session(cfg: Config, dataset: Dataset):
+    """A LocalSession, or a Ray ClusterSession (same interface) by workers.engine."""
+    if cfg.workers.engine == "local":
+        return LocalSession(cfg, dataset)
+    from .cluster.session import ClusterSession  # the only place the API reaches Ray
+
+    return ClusterSession(cfg, dataset)
+
+
+def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper) -> TrainResult:
+    """Step to optim.steps, writing metrics, checkpoints, the model and a summary."""
+    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
+    state = stepper.state_dict()
+    start = int(state["meta"]["step"])
+    total = cfg.optim.steps
+    every = cfg.run.checkpoint_every
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    with open(run_dir / METRICS_FILE, "a") as metrics, _progress(cfg, total, start) as bar:
+        step = start
+        while step < total and not stepper.converged:
+            try:
+                last = stepper.step()
+            except TrainingError as exc:
+                raise TrainingError(f"{exc}. The last good checkpoint in {run_dir / CHECKPOINTS} is kept") from None
+            step = last["step"]
+            if step % cfg.run.log_every == 0 or step == total:
+                metrics.write(json.dumps(_jsonable(last)) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(J=f"{last['J']:.6g}")
+            if every and step % every == 0:
+                save_checkpoint(run_dir, stepper.state_dict(), info, cfg.run.keep_checkpoints)
+    state = stepper.state_dict()
+    if every == 0 or state["meta"]["step"] % every != 0 or state["meta"]["step"] == start:
+        save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
+    theta = state["theta"].numpy()
+    model = SparseAutoencoder.from_config(cfg)
+    save_model(model, run_dir, cfg, torch.from_numpy(theta))
+    seconds = time.perf_counter() - t0
+    summary = {
+        "steps": int(state["meta"]["step"]),
+        "converged": bool(stepper.converged),
+        "seconds": seconds,
+        "engine": cfg.workers.engine,
+        "method": cfg.optim.method,
+        "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
+        "final": _jsonable(last),
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return TrainResult(run_dir, summary["steps"], last, seconds, theta)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = None) -> tuple[Evaluation, Config]:
+    """Exact J, its terms and ∇J of a saved model over a dataset (hyperparameters from the model's config)."""
+    model_obj, cfg = load_model(model)
+    cfg = cfg.with_overrides(list(overrides or []) + [f"data.path={data}"])
+    dataset = Dataset.open(data)
+    cfg = bind_dataset(cfg, dataset)
+    theta = model_obj.theta.detach().numpy().copy()
+    session = open_session(cfg, dataset)
+    try:
+        return session.problem.evaluate(theta), cfg
+    finally:
+        session.close()
+
+
+def gradcheck(cfg: Config, epsilon: float = 1e-4, coords: int = 0, init: str | Path | None = None) -> dict[str, float]:
+    """Compare ∇J with central differences (SPEC §7), in float64 in this process.
+
+    Args:
+        coords: check this many random coordinates of θ (0: all of them).
+
+    Returns:
+        {"relative_error": ‖num−ana‖/‖num+ana‖, "coords": n, "params": P}
+    """
+    if not cfg.data.path:
+        raise ConfigError("no data: give --data DIR (or data.path=DIR)")
+    cfg = cfg.with_overrides({"compute.dtype": "float64", "workers.engine": "local"})
+    dataset = Dataset.open(cfg.data.path)
+    cfg = bind_dataset(cfg, dataset)
+    problem = local_problem(cfg, dataset)
+    try:
+        theta = initial_theta(cfg, init)
+        analytic = problem.evaluate(theta).grad
+        idx = np.arange(theta.size)
+        if 0 < coords < theta.size:
+            idx = np.sort(np.random.default_rng(cfg.run.seed).choice(theta.size, coords, replace=False))
+        numeric = np.empty(idx.size)
+        for n, i in enumerate(idx):
+            plus, minus = theta.copy(), theta.copy()
+            plus[i] += epsilon
+            minus[i] -= epsilon
+            numeric[n] = (problem.evaluate(plus).loss - problem.evaluate(minus).loss) / (2 * epsilon)
+    finally:
+        problem.evaluator.close()
+    ana = analytic[idx]
+    denom = np.linalg.norm(numeric + ana)
+    rel = float(np.linalg.norm(numeric - ana) / denom) if denom > 0 else float(np.linalg.norm(numeric - ana))
+    return {"relative_error": rel, "coords": int(idx.size), "params": int(theta.size)}
+
+
+def load(run_dir: str | Path, dtype: torch.dtype = torch.float64) -> SparseAutoencoder:
+    """The trained torch module of a run dir (or model file); its config is `module.config`."""
+    model, cfg = load_model(run_dir, dtype)
+    model.config = cfg
+    return model.eval()
+
+
+def config_from_args(config: str | None, overrides: list[str], **set_keys: Any) -> Config:
+    """Config file + `key=value` overrides + explicit keys (from CLI flags), validated."""
+    extra = [f"{k}={json.dumps(v)}" for k, v in set_keys.items() if v is not None]
+    return load_config(config, list(overrides) + extra)
+
+
+__all__ = ["train", "evaluate", "gradcheck", "load", "TrainResult", "DistSaeError"]

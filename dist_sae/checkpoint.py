@@ -1,0 +1,109 @@
+"""Atomic checkpoints: everything needed to resume a run exactly.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+    theta.safetensors   θ, float64
+    trainer.pt          optimizer state (L-BFGS history, Adam moments), ρ̂ state; loaded with
+                        torch.load(weights_only=True), which never unpickles arbitrary objects
+    state.json          step, epoch, data position, dataset fingerprint, config
+It is written into `step-NNNNNNNN.tmp/`, every file fsynced, then renamed into place, so a kill
+during the write leaves the previous checkpoint the newest valid one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "state.json"  # written last: a folder without it is not a checkpoint
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: dict[str, Any], keep: int = 3) -> Path:
+    """Write a checkpoint of `trainer_state` (from Trainer.state_dict) with JSON `info`; keep the newest `keep`.
+
+    Raises:
+        CheckpointError: when the disk is full or not writable; the previous checkpoints stay valid.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    step = int(trainer_state["meta"]["step"])
+    final = root / f"step-{step:08d}"
+    tmp = root / f"step-{step:08d}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({"theta": trainer_state["theta"].contiguous()}, str(tmp / "theta.safetensors"))
+        torch.save(
+            {k: trainer_state[k] for k in ("optimizer", "rho_means", "ema_means")},
+            tmp / "trainer.pt",
+        )
+        (tmp / COMPLETE).write_text(json.dumps({**info, "trainer": trainer_state["meta"]}, indent=2) + "\n")
+        for file in tmp.iterdir():
+            _fsync_path(file)
+        _before_rename_hook(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_path(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot write checkpoint {final} ({exc.strerror or exc}); the previous checkpoint is kept. "
+            "Free disk space, then resume with --resume"
+        ) from None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _before_rename_hook(tmp: Path) -> None:
+    """Test seam: fault-injection tests replace this to simulate a kill between write and rename."""
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (unfinished `.tmp` folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file())
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state for Trainer.load_state_dict, info) from a checkpoint folder."""
+    path = Path(path)
+    try:
+        info = json.loads((path / COMPLETE).read_text())
+        theta = load_file(str(path / "theta.safetensors"))["theta"]
+        rest = torch.load(path / "trainer.pt", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
+    return {"theta": theta, "meta": info["trainer"], **rest}, info
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that loads, skipping damaged ones with a warning; None if there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+    return None

@@ -1,0 +1,112 @@
+"""train, evaluate, gradcheck, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import api
+from ..model import MODEL_FILE
+from . import add_overrides, config_help
+
+
+def register(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("train", help="train a sparse autoencoder", epilog=config_help(), formatter_class=fmt)
+    p.add_argument("--config", help="YAML/JSON config file")
+    p.add_argument("--data", help="dataset folder (data.path)")
+    p.add_argument("--out", help="run directory (run.out)")
+    p.add_argument("--init", help="start from these weights (.safetensors with W1, b1, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--allow-change", action="store_true", help="let --resume change the config or the dataset")
+    p.add_argument("--address", help="Ray address to join ('auto', HOST:PORT); default: start a local Ray")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (workers.engine=local)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overrides(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("evaluate", help="exact J, its terms and ∇J of a model over a dataset", epilog=config_help(), formatter_class=fmt)
+    p.add_argument("--model", required=True, help="run directory or model.safetensors")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--grad-out", help="write ∇J to this .safetensors file with the model's tensor names")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    add_overrides(p)
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("gradcheck", help="compare ∇J with central differences (float64)", epilog=config_help(), formatter_class=fmt)
+    p.add_argument("--config", help="YAML/JSON config file")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--epsilon", type=float, default=1e-4, help="central-difference step (default 1e-4)")
+    p.add_argument("--coords", type=int, default=0, help="check this many random coordinates (default: all)")
+    p.add_argument("--init", help="weights to check at (default: the seeded initialisation)")
+    add_overrides(p)
+    p.set_defaults(handler=cmd_gradcheck)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)", epilog=config_help(), formatter_class=fmt)
+    p.add_argument("--config", help="YAML/JSON config file")
+    add_overrides(p)
+    p.set_defaults(handler=cmd_config)
+
+
+def cmd_train(args) -> int:
+    cfg = api.config_from_args(
+        args.config,
+        args.overrides,
+        **{
+            "data.path": args.data,
+            "run.out": args.out,
+            "workers.address": args.address,
+            "workers.engine": "local" if args.local else None,
+            "run.quiet": True if args.quiet else None,
+        },
+    )
+    result = api.train(cfg, init=args.init, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change)
+    final = result.final
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s: J={final.get('J', float('nan')):.6g}")
+    print(f"model: {result.run_dir / MODEL_FILE}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    overrides = list(args.overrides) + (["workers.engine=local"] if args.local else [])
+    ev, cfg = api.evaluate(args.model, args.data, overrides)
+    result = {
+        "J": ev.loss,
+        **ev.terms,
+        "rho_hat_mean": [float(m.mean()) for m in ev.layer_means],
+        "fvu": ev.stats.get("fvu"),
+        "examples": ev.rows,
+    }
+    if args.grad_out:
+        from safetensors.torch import save_file
+        import torch
+
+        from ..model import SparseAutoencoder
+
+        layout = SparseAutoencoder.from_config(cfg)
+        grads = layout.named_tensors(torch.from_numpy(ev.grad), materialize_tied=False)
+        save_file({k: v.contiguous() for k, v in grads.items()}, args.grad_out)
+        result["grad_out"] = args.grad_out
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"J = {ev.loss:.10g}  (reconstruction {ev.terms['reconstruction']:.6g}, "
+              f"weight decay {ev.terms['weight_decay']:.6g}, sparsity {ev.terms['sparsity']:.6g})")
+        print(f"mean activation per layer: {', '.join(f'{v:.4g}' for v in result['rho_hat_mean'])}")
+        print(f"examples: {ev.rows}")
+    return 0
+
+
+def cmd_gradcheck(args) -> int:
+    cfg = api.config_from_args(args.config, args.overrides, **{"data.path": args.data})
+    result = api.gradcheck(cfg, epsilon=args.epsilon, coords=args.coords, init=args.init)
+    print(f"‖num−ana‖/‖num+ana‖ = {result['relative_error']:.3e} over {result['coords']} of {result['params']} parameters")
+    return 0 if result["relative_error"] < 1e-9 else 1
+
+
+def cmd_config(args) -> int:
+    cfg = api.config_from_args(args.config, args.overrides)
+    print(json.dumps(cfg.model_dump(), indent=2))
+    return 0

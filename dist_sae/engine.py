@@ -1,0 +1,266 @@
+"""Single-process execution of passes: the reference the Ray cluster must equal.
+
+    PassRunner      the work of one worker: θ in, one work unit's float64 partial sums out
+    LocalEvaluator  runs a pass over many units in this process (read-ahead, ordered reduction)
+    PassProblem     exact J/∇J, ρ̂ and minibatch evaluations composed from passes, for any
+                    evaluator with `run(kind, theta, units, g)` (this one, or the Ray one)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import BlockReader, Dataset, WorkUnit, prefetch
+from .errors import ConfigError, DataError, TrainingError
+from .model import SparseAutoencoder
+from .objective import (
+    Evaluation,
+    Objective,
+    OrderedReducer,
+    Sums,
+    SparsityState,
+    finalize,
+    onepass_block,
+    pass1_block,
+    pass2_block,
+    sparsity_state,
+    split_layers,
+    weight_decay_vector,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PASS_KINDS = ("pass1", "pass2", "onepass")
+
+
+def resolve_device(requested: str, gpus_assigned: float = 0.0) -> torch.device:
+    """The torch device for a worker: cuda when asked (or auto with a GPU assigned), else cpu.
+
+    Raises:
+        ConfigError: cuda is requested but no GPU is visible to this process.
+    """
+    wants_cuda = requested == "cuda" or (requested == "auto" and gpus_assigned > 0)
+    if not wants_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "a GPU was requested (compute.device=cuda or workers.gpus_per_worker > 0) but torch sees no CUDA device "
+            "here; set workers.gpus_per_worker=0 and compute.device=cpu, or run on GPU nodes"
+        )
+    return torch.device("cuda")
+
+
+def bind_dataset(cfg: Config, dataset: Dataset) -> Config:
+    """The config with model.visible taken from the data, checked against it, and data.path set."""
+    visible = cfg.model.visible
+    if visible is not None and visible != dataset.dim:
+        raise DataError(
+            f"the model takes {visible} inputs (model.visible) but {dataset.path} has rows of {dataset.dim} features"
+        )
+    return cfg.with_overrides({"model.visible": dataset.dim, "data.path": str(dataset.path)})
+
+
+def corruption_seed(seed: int, unit_id: int, noise_round: int) -> int:
+    """Seed of the input noise of one work unit: the same whichever worker runs it."""
+    return (seed * 1_000_003 + noise_round) * 1_000_003 + unit_id
+
+
+class PassRunner:
+    """Computes the partial sums of one work unit: what a worker does, with or without Ray.
+
+    Args:
+        cfg: the run's config (model.visible set).
+        dataset: the dataset (or its folder).
+        device: torch device to compute on.
+        threads: torch intra-op threads (0 leaves torch's default).
+    """
+
+    def __init__(self, cfg: Config, dataset: Dataset | str, device: str | torch.device = "cpu", threads: int = 0) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.obj = Objective.from_config(cfg)
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset, verify_shards=False)
+        self.reader = BlockReader(self.dataset)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[cfg.compute.dtype]
+        self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
+        self.g: list[torch.Tensor] | None = None
+        self._theta_key: object = None
+
+    def set_theta(self, theta: np.ndarray, key: object = None) -> None:
+        """Load θ (P,) into the model, unless `key` says it is the one already loaded."""
+        if key is not None and key == self._theta_key:
+            return
+        with torch.no_grad():
+            self.model.theta.copy_(torch.from_numpy(np.asarray(theta)))
+        self._theta_key = key
+
+    def set_g(self, g: list[np.ndarray] | None) -> None:
+        """The constant KL′ vectors for pass 2 (one per penalised layer), or None."""
+        self.g = None if g is None else [torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in g]
+
+    def to_device(self, block: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(block)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        return x.to(self.dtype)
+
+    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray) -> Sums:
+        """Partial sums of one unit's rows for pass1, pass2 or onepass."""
+        x = self.to_device(block)
+        if kind == "pass1":
+            return pass1_block(self.model, x)
+        if kind == "pass2":
+            return pass2_block(self.model, self.obj, x, self.g)
+        if kind == "onepass":
+            return onepass_block(self.model, self.obj, x)
+        raise ValueError(f"unknown pass {kind!r}")
+
+    @torch.no_grad()
+    def transform(self, kind: str, block: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """Per-row outputs of a block: `encode` (codes of encoder `layer`, default innermost) or `reconstruct`."""
+        x = self.to_device(block)
+        if kind == "encode":
+            out = self.model.encode_layers(x, upto=layer or self.model.num_encoder)[-1]
+        elif kind == "reconstruct":
+            out = self.model(x).output
+        else:
+            raise ValueError(f"unknown transform {kind!r}")
+        return out.to(device="cpu").numpy()
+
+    def run_unit(self, kind: str, unit: WorkUnit) -> Sums:
+        return self.compute(kind, unit, self.reader.read(unit))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class Evaluator(Protocol):
+    rows: int
+    units: list[WorkUnit]
+
+    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
+        """The ordered float64 sum of a pass over `units`, and timings."""
+
+    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
+        """Yield (unit, per-row output) in unit order: `encode` codes or `reconstruct` outputs."""
+
+
+class LocalEvaluator:
+    """Runs passes in this process: blocks are read ahead in a thread and reduced in unit order."""
+
+    def __init__(self, runner: PassRunner, block_rows: int, prefetch_depth: int = 2) -> None:
+        self.runner = runner
+        self.prefetch_depth = prefetch_depth
+        self.units = runner.dataset.units(block_rows)
+        self.rows = runner.dataset.rows
+        self._version = 0
+
+    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
+        self._version += 1
+        self.runner.set_theta(theta, ("local", self._version))
+        self.runner.set_g(g)
+        reducer = OrderedReducer([u.id for u in units])
+        io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
+        t0 = mark = time.perf_counter()
+        for unit, block in prefetch(self.runner.reader, units, self.prefetch_depth):
+            got = time.perf_counter()
+            io_s += got - mark
+            reducer.add(unit.id, self.runner.compute(kind, unit, block))
+            mark = time.perf_counter()
+            compute_s += mark - got
+        return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
+
+    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
+        """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
+        self._version += 1
+        self.runner.set_theta(theta, ("local", self._version))
+        for unit, block in prefetch(self.runner.reader, units, self.prefetch_depth):
+            yield unit, self.runner.transform(kind, block, layer)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class PassProblem:
+    """The optimizer's Problem (exact J/∇J, ρ̂, minibatch evaluations) built from passes.
+
+    Args:
+        evaluator: runs passes (LocalEvaluator, or the Ray cluster's).
+        cfg: the run's config.
+    """
+
+    def __init__(self, evaluator: Evaluator, cfg: Config) -> None:
+        self.evaluator = evaluator
+        self.cfg = cfg
+        self.obj = Objective.from_config(cfg)
+        self.layout = SparseAutoencoder.from_config(cfg)  # float64 on cpu: only for names and offsets
+        self.decay = weight_decay_vector(self.layout, self.obj)
+        self.rows = evaluator.rows
+        self.units = evaluator.units
+        self.passes = cfg.sparsity.passes
+
+    def _run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g=None) -> tuple[Sums, dict[str, float]]:
+        sums, timing = self.evaluator.run(kind, theta, units, g)
+        expected = sum(u.rows for u in units)
+        if sums is None or int(sums["rows"]) != expected:
+            got = 0 if sums is None else int(sums["rows"])
+            raise TrainingError(f"{kind} counted {got} rows but its units hold {expected}: a unit was lost or counted twice")
+        return sums, timing
+
+    def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
+        sums, _ = self._run("pass1", theta, units or self.units)
+        return split_layers(sums["act"] / sums["rows"], self.layout.hidden)
+
+    def evaluate(self, theta: np.ndarray, units: list[WorkUnit] | None = None, state: SparsityState | None = None) -> Evaluation:
+        units = units or self.units
+        stats: dict[str, float] = {}
+        if state is None and self.obj.uses_rho_hat and self.passes == 1:
+            sums, timing = self._run("onepass", theta, units)
+            state = sparsity_state(self.obj, split_layers(sums["act"] / sums["rows"], self.layout.hidden))
+            stats["pass2_s"] = timing["wall_s"]
+        else:
+            if state is None and self.obj.uses_rho_hat:
+                t0 = time.perf_counter()
+                state = sparsity_state(self.obj, self.layer_means(theta, units))
+                stats["pass1_s"] = time.perf_counter() - t0
+            elif state is None:
+                state = sparsity_state(self.obj, [])
+            sums, timing = self._run("pass2", theta, units, state.g or None)
+            stats["pass2_s"] = timing["wall_s"]
+        ev = finalize(self.obj, self.layout, theta, sums, state, self.decay)
+        ev.stats.update(stats)
+        ev.stats.update({k: v for k, v in timing.items() if k != "wall_s"})
+        return ev
+
+
+def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[WorkUnit]]:
+    """Minibatches of `batch_size` contiguous rows (within a shard), each split into `parts` work units.
+
+    Unit ids are unique across all batches, so a batch's parts reduce in a fixed order.
+    """
+    batches, next_id = [], 0
+    for shard, info in enumerate(dataset.shards):
+        for start in range(0, info.rows, batch_size):
+            stop = min(start + batch_size, info.rows)
+            bounds = np.linspace(start, stop, min(parts, stop - start) + 1).round().astype(int)
+            batch = []
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                batch.append(WorkUnit(next_id, shard, int(lo), int(hi)))
+                next_id += 1
+            batches.append(batch)
+    return batches
+
+
+def local_problem(cfg: Config, dataset: Dataset) -> PassProblem:
+    """A PassProblem over a LocalEvaluator in this process."""
+    runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), cfg.compute.threads)
+    return PassProblem(LocalEvaluator(runner, cfg.data.block_rows, cfg.data.prefetch), cfg)

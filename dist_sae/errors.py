@@ -1,0 +1,29 @@
+"""The library's own exception types.
+
+Every error a user can cause is one of these, with a message that names the file, field or
+value and says what to do. The CLI prints the message alone (no traceback unless --debug).
+"""
+
+
+class DistSaeError(Exception):
+    """Base class of errors a user can cause and fix."""
+
+
+class ConfigError(DistSaeError, ValueError):
+    """A configuration value or combination that makes no sense."""
+
+
+class DataError(DistSaeError):
+    """A dataset folder, shard or row that cannot be used as it is."""
+
+
+class ModelError(DistSaeError):
+    """A model file that is missing, corrupt, or does not fit the data or config."""
+
+
+class CheckpointError(DistSaeError):
+    """A run directory or checkpoint that cannot be written or resumed."""
+
+
+class TrainingError(DistSaeError):
+    """Training cannot go on (non-finite values, too many failed workers, ...)."""

@@ -1,0 +1,290 @@
+"""The exact sparse-autoencoder objective (SPEC §1–2), as per-block partial sums.
+
+Everything here works on one block of rows and returns float64 sums; whoever streams the blocks
+(the single-process engine, a Ray worker) adds them in work-unit order and calls `finalize`.
+
+    pass 1:  activation sums Σ_i a^(l)(x_i) over all rows        -> ρ̂ = sums / m
+    pass 2:  Σ_i ∇θ [ ½‖x̂_i − x_i‖² + Σ_l g^(l)·q(a^(l)_i) ]      with g = β KL′(ρ̂) held fixed
+    finalize: J = recon/m + (λ/2)Σ‖W‖² + β Σ KL(ρ‖ρ̂),  ∇J = grad_sum/m + λW
+
+q(a) = a for sigmoid-like units and (1 + a)/2 for tanh, so "inactive" means −1 for tanh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import Config
+from .model import SparseAutoencoder, activation_derivative
+
+Sums = dict[str, np.ndarray]  # named float64 partial sums of one or more blocks; "rows" counts rows
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The penalty terms of J, resolved from the config for a concrete model."""
+
+    kind: str  # kl | l1 | topk | none
+    layers: tuple[int, ...]  # encoder layers (1-based) with a penalty
+    rho: tuple[float, ...]
+    beta: tuple[float, ...]
+    clamp_eps: float
+    l1: float
+    tanh: bool  # KL works on q = (1 + a) / 2
+    weight_decay: tuple[float, ...]  # λ per weight matrix W1..WL
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Objective:
+        sp = cfg.sparsity
+        num_weights = 2 * len(cfg.model.hidden)
+        wd = cfg.loss.weight_decay
+        return cls(
+            kind=sp.kind,
+            layers=tuple(sp.layers) if sp.kind != "none" else (),
+            rho=tuple(sp.per_layer("rho")),
+            beta=tuple(sp.per_layer("beta")),
+            clamp_eps=sp.clamp_eps,
+            l1=sp.l1,
+            tanh=cfg.model.activation == "tanh",
+            weight_decay=tuple(wd) if isinstance(wd, list) else (float(wd),) * num_weights,
+        )
+
+    @property
+    def uses_rho_hat(self) -> bool:
+        """True when pass 2 needs ρ̂ from a pass 1 (KL)."""
+        return self.kind == "kl" and bool(self.layers)
+
+    @property
+    def q_scale(self) -> float:
+        return 0.5 if self.tanh else 1.0
+
+    def q_of_mean(self, mean_activation: np.ndarray) -> np.ndarray:
+        """ρ̂ in KL's (0, 1) space from a layer's mean activation."""
+        return (1.0 + mean_activation) / 2.0 if self.tanh else mean_activation
+
+
+# ---- KL ------------------------------------------------------------------------------------
+
+
+def kl_divergence(rho: float, q: np.ndarray) -> np.ndarray:
+    """KL(ρ‖q) element-wise for Bernoulli means, float64."""
+    return rho * np.log(rho / q) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - q))
+
+
+def kl_derivative(rho: float, q: np.ndarray) -> np.ndarray:
+    """d KL(ρ‖q) / dq = −ρ/q + (1−ρ)/(1−q)."""
+    return -rho / q + (1.0 - rho) / (1.0 - q)
+
+
+@dataclass
+class SparsityState:
+    """What pass 2 needs from pass 1: ρ̂ per penalised layer and the constant g = β KL′(ρ̂)."""
+
+    rho_hat: list[np.ndarray]  # per penalised layer, in KL's q-space, clamped, float64
+    g: list[np.ndarray]  # per penalised layer, float64, already scaled by dq/da
+    penalty: float  # β Σ KL(ρ‖ρ̂)
+    clamped: int  # units whose ρ̂ hit the clamp
+
+
+def sparsity_state(obj: Objective, layer_means: list[np.ndarray]) -> SparsityState:
+    """ρ̂, g and the KL value from mean activations of every encoder layer (raw a, float64).
+
+    Clamped units keep the derivative at the clamp (not zero) so that units pushed to the edge
+    are still pulled back towards ρ.
+    """
+    if not obj.uses_rho_hat:
+        return SparsityState([], [], 0.0, 0)
+    rho_hats, gs, penalty, clamped = [], [], 0.0, 0
+    for layer, rho, beta in zip(obj.layers, obj.rho, obj.beta):
+        q_raw = obj.q_of_mean(np.asarray(layer_means[layer - 1], dtype=np.float64))
+        q = np.clip(q_raw, obj.clamp_eps, 1.0 - obj.clamp_eps)
+        clamped += int(np.count_nonzero(q != q_raw))
+        rho_hats.append(q)
+        penalty += beta * float(kl_divergence(rho, q).sum())
+        gs.append(beta * kl_derivative(rho, q) * obj.q_scale)
+    return SparsityState(rho_hats, gs, penalty, clamped)
+
+
+# ---- per-block sums ------------------------------------------------------------------------
+
+
+def _to64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+@torch.no_grad()
+def pass1_block(model: SparseAutoencoder, x: torch.Tensor) -> Sums:
+    """Pass 1 on a block x (B, n): Σ_i a^(l)_i for every encoder layer, concatenated (Σ h_l,)."""
+    acts = model.encode_layers(x)
+    return {
+        "rows": np.array(float(x.shape[0])),
+        "act": _to64(torch.cat([a.sum(0, dtype=torch.float64) for a in acts])),
+    }
+
+
+def pass2_block(
+    model: SparseAutoencoder,
+    obj: Objective,
+    x: torch.Tensor,
+    g: list[torch.Tensor] | None,
+    x_in: torch.Tensor | None = None,
+) -> Sums:
+    """Pass 2 on a block: the surrogate-loss gradient of SPEC §2 and the loss sums.
+
+    Args:
+        x: target rows (B, n) in the compute dtype.
+        g: per penalised layer, the constant KL′ vector (h_l,) in the compute dtype; None without KL.
+        x_in: the encoder's input when it differs from the target (denoising); default x.
+
+    Returns float64 sums: grad (P,), recon Σ½‖x̂−x‖², act (Σ h_l,), sum_x (n,), sum_x2, l1, rows.
+    """
+    fwd = model(x if x_in is None else x_in)
+    diff = fwd.output - x  # (B, n)
+    recon = 0.5 * (diff * diff).sum()
+    surrogate = recon
+    l1 = torch.zeros((), dtype=x.dtype, device=x.device)
+    if obj.kind == "kl" and g is not None:
+        for layer, g_layer in zip(obj.layers, g):
+            surrogate = surrogate + (fwd.hidden[layer - 1] * g_layer).sum()  # g·a_i, summed over rows
+    elif obj.kind == "l1":
+        for layer in obj.layers:
+            l1 = l1 + fwd.hidden[layer - 1].abs().sum()
+        surrogate = surrogate + obj.l1 * l1
+    (grad,) = torch.autograd.grad(surrogate, model.theta)
+    return {
+        "rows": np.array(float(x.shape[0])),
+        "grad": _to64(grad),
+        "recon": np.array(float(recon.detach().to(torch.float64))),
+        "act": _to64(torch.cat([a.detach().sum(0, dtype=torch.float64) for a in fwd.hidden])),
+        "sum_x": _to64(x.sum(0, dtype=torch.float64)),
+        "sum_x2": np.array(float((x.to(torch.float64) ** 2).sum())),
+        "l1": np.array(float(l1.detach().to(torch.float64))),
+    }
+
+
+def onepass_block(model: SparseAutoencoder, obj: Objective, x: torch.Tensor, x_in: torch.Tensor | None = None) -> Sums:
+    """One-pass exact gradient (SPEC §2) for KL on encoder layer 1: pass-2 sums with g = 0, plus
+
+    S_W = Σ_i f′(z_i) x_iᵀ (h1, n) and S_b = Σ_i f′(z_i) (h1,), so that afterwards
+    ∇W1 += g ⊙ S_W / m and ∇b1 += g ⊙ S_b / m once ρ̂ (hence g) is known.
+    """
+    sums = pass2_block(model, obj, x, None, x_in)
+    inp = x if x_in is None else x_in
+    with torch.no_grad():
+        z1 = torch.nn.functional.linear(inp, model.weight(1), model.param("b1"))
+        a1 = model.encode_layers(inp, upto=1)[0]
+        fprime = activation_derivative(a1, z1, model.activation)  # (B, h1)
+        sums["S_W"] = _to64(fprime.t() @ inp)  # (h1, n)
+        sums["S_b"] = _to64(fprime.sum(0))
+    return sums
+
+
+# ---- reduction -----------------------------------------------------------------------------
+
+
+def add_sums(total: Sums | None, part: Sums) -> Sums:
+    """total + part, key by key, in float64 (total is updated in place when given)."""
+    if total is None:
+        return {k: np.array(v, dtype=np.float64, copy=True) for k, v in part.items()}
+    for k, v in part.items():
+        total[k] += v
+    return total
+
+
+class OrderedReducer:
+    """Adds per-unit sums in unit-id order, whatever order they arrive in.
+
+    Results that arrive early wait in a buffer until every lower unit id has been added, so the
+    float64 result is bit-identical however many workers there are and whoever ran which unit.
+    """
+
+    def __init__(self, unit_ids: list[int]) -> None:
+        self._order = sorted(unit_ids)
+        self._next = 0
+        self._pending: dict[int, Sums] = {}
+        self.total: Sums | None = None
+
+    def add(self, unit_id: int, sums: Sums) -> None:
+        if unit_id in self._pending or unit_id in self._order[: self._next]:
+            raise RuntimeError(f"work unit {unit_id} reduced twice")
+        self._pending[unit_id] = sums
+        while self._next < len(self._order) and self._order[self._next] in self._pending:
+            self.total = add_sums(self.total, self._pending.pop(self._order[self._next]))
+            self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._order)
+
+
+# ---- finalize ------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """J, its terms and ∇J over the rows that were summed (the whole dataset, or a minibatch)."""
+
+    loss: float
+    terms: dict[str, float]  # reconstruction, weight_decay, sparsity
+    grad: np.ndarray  # (P,) float64
+    rows: int
+    layer_means: list[np.ndarray]  # mean raw activation per encoder layer, at θ
+    sparsity: SparsityState
+    stats: dict[str, float] = field(default_factory=dict)  # fvu, clamped, ...
+
+
+def split_layers(flat: np.ndarray, hidden: list[int]) -> list[np.ndarray]:
+    """Cut a concatenated (Σ h_l,) vector into per-layer pieces."""
+    return np.split(flat, np.cumsum(hidden)[:-1])
+
+
+def weight_decay_vector(model: SparseAutoencoder, obj: Objective) -> np.ndarray:
+    """λ on each weight entry of θ (per matrix), 0 on biases: (P,) float64."""
+    decay = np.zeros(model.num_params, dtype=np.float64)
+    for spec in model.specs:
+        if spec.is_weight:
+            n = int(np.prod(spec.shape))
+            decay[spec.offset : spec.offset + n] = obj.weight_decay[spec.layer - 1]
+    return decay
+
+
+def finalize(
+    obj: Objective,
+    model: SparseAutoencoder,
+    theta: np.ndarray,
+    sums: Sums,
+    state: SparsityState,
+    decay: np.ndarray,
+) -> Evaluation:
+    """J and ∇J from pass-2 (or one-pass) sums over m rows, the ρ̂ state pass 2 used, and θ (P,)."""
+    m = float(sums["rows"])
+    grad = sums["grad"] / m + decay * theta
+    if "S_W" in sums:  # one-pass: add the KL part now that g is known
+        g1 = state.g[0]
+        w1 = model.param("W1", torch.from_numpy(grad)).numpy()  # view into grad
+        b1 = model.param("b1", torch.from_numpy(grad)).numpy()
+        w1 += g1[:, None] * sums["S_W"] / m
+        b1 += g1 * sums["S_b"] / m
+    recon = float(sums["recon"]) / m
+    weight_decay = 0.5 * float(np.dot(decay * theta, theta))
+    if obj.kind == "kl":
+        sparsity = state.penalty
+    elif obj.kind == "l1":
+        sparsity = obj.l1 * float(sums["l1"]) / m
+    else:
+        sparsity = 0.0
+    # FVU = Σ‖x̂−x‖² / Σ‖x − x̄‖², with Σ‖x − x̄‖² = Σ‖x‖² − m‖x̄‖².
+    total_var = float(sums["sum_x2"]) - float(np.dot(sums["sum_x"], sums["sum_x"])) / m
+    stats = {"fvu": 2.0 * float(sums["recon"]) / total_var if total_var > 0 else float("nan"), "clamped": state.clamped}
+    return Evaluation(
+        loss=recon + weight_decay + sparsity,
+        terms={"reconstruction": recon, "weight_decay": weight_decay, "sparsity": sparsity},
+        grad=grad,
+        rows=int(m),
+        layer_means=split_layers(sums["act"] / m, model.hidden),
+        sparsity=state,
+        stats=stats,
+    )
