@@ -310,4 +310,17 @@ def config_from_args(config: str | None, overrides: list[str], **set_keys: Any) 
     return load_config(config, list(overrides) + extra)
 
 
+
+def evaluate_at_init(data: str | Path, overrides: list[str] | None = None) -> Evaluation:
+    """Exact J and ∇J at the seeded initialisation of the configured model (benchmarks, checks)."""
+    cfg = load_config(None, list(overrides or []) + [f"data.path={data}"])
+    dataset = Dataset.open(data)
+    cfg = bind_dataset(cfg, dataset)
+    session = open_session(cfg, dataset)
+    try:
+        return session.problem.evaluate(initial_theta(cfg, None))
+    finally:
+        session.close()
+
+
 __all__ = ["train", "evaluate", "gradcheck", "load", "TrainResult", "DistSaeError"]

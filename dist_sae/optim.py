@@ -71,6 +71,9 @@ class Trainer:
                 [self.theta],
                 lr=oc.learning_rate,
                 max_iter=1,  # one iteration per step(), so each step can be logged and checkpointed
+                # torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search no
+                # evaluations at all; give each iteration the 25 that _strong_wolfe allows by default.
+                max_eval=1 + 25,
                 history_size=oc.history_size,
                 tolerance_grad=oc.tolerance_grad,
                 tolerance_change=oc.tolerance_change,

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Peak memory of one exact evaluation (J and ∇J) on a dataset K× larger than a base one.
+
+Each evaluation runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. Memory should be
+bounded by the block size and read-ahead depth, not by the data size: the ratio should be ~1.
+
+    python scripts/bench_memory.py --rows 250000 --factor 8 --out bench_out/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHILD = r"""
+import json, resource, sys, time
+from dist_sae.api import evaluate_at_init
+t0 = time.perf_counter()
+ev = evaluate_at_init(sys.argv[1], ["model.hidden=[25]", "workers.engine=local", "compute.threads=1", "data.block_rows=16384"])
+print(json.dumps({"rows": ev.rows, "J": ev.loss, "seconds": time.perf_counter() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def build(path: Path, rows: int, dim: int, seed: int) -> None:
+    from dist_sae.data import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(path, dim, shard_rows=200_000, dtype="float32", chunk_rows=1024) as writer:
+        for start in range(0, rows, 50_000):
+            writer.write(rng.uniform(0.1, 0.9, size=(min(50_000, rows - start), dim)).astype(np.float32))
+
+
+def measure(path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=250_000, help="rows of the base dataset")
+    parser.add_argument("--factor", type=int, default=8, help="size of the large dataset relative to the base")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dist_sae_bench_") as tmp:
+        results = {}
+        for name, rows in (("1x", args.rows), (f"{args.factor}x", args.rows * args.factor)):
+            path = Path(tmp) / name
+            t0 = time.perf_counter()
+            build(path, rows, args.dim, seed=1)
+            build_s = time.perf_counter() - t0
+            results[name] = {**measure(path), "build_s": build_s, "data_mb": rows * args.dim * 4 / 2**20}
+    big = results[f"{args.factor}x"]
+    report = {
+        "benchmark": "peak RSS of one exact evaluation vs data size",
+        "dim": args.dim,
+        "results": results,
+        "ratios": {f"rss_{args.factor}x_vs_1x": big["peak_rss_mb"] / results["1x"]["peak_rss_mb"]},
+        "max_rss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
