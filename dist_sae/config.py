@@ -38,6 +38,8 @@ class ModelConfig(Section):
     """Output activation: sigmoid for data in [0, 1], linear for unbounded data such as whitened patches."""
     tied: bool = False
     """Tie each decoder weight to the transpose of its mirrored encoder weight."""
+    decoder_norm: bool = False
+    """Keep the output decoder's columns at unit norm, by reparametrisation W/‖W_col‖ (top-k practice)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -81,6 +83,10 @@ class SparsityConfig(Section):
     """λ₁ of the L1 penalty λ₁·(1/m) Σ_i Σ_j |a_ij|, with kind=l1."""
     k: int = Field(default=0, ge=0)
     """Active units kept per example with kind=topk."""
+    auxk: int = Field(default=0, ge=0)
+    """AuxK (top-k only): the k_aux largest dead units' pre-activations reconstruct the residual x − x̂; 0 is off. Dead means fired on no row in the last pass 1."""
+    auxk_coef: float = Field(default=1 / 32, ge=0.0)
+    """Weight α of the AuxK loss α·(1/m) Σ ½‖(x − x̂) − ê‖²."""
 
     def per_layer(self, name: str) -> list[float]:
         """`rho` or `beta` expanded to one value per entry of `layers`."""
@@ -105,6 +111,15 @@ class SparsityConfig(Section):
         if len(set(self.layers)) != len(self.layers) or any(layer < 1 for layer in self.layers):
             raise ValueError(f"sparsity.layers must be distinct 1-based layer numbers, got {self.layers}")
         return self
+
+
+class NoiseConfig(Section):
+    kind: Literal["none", "gaussian", "mask"] = "none"
+    """Input corruption for a denoising autoencoder, applied in training passes only: gaussian adds σ·N(0, 1), mask zeroes each input with probability p. The target stays the clean input."""
+    sigma: float = Field(default=0.1, ge=0.0)
+    """Standard deviation of gaussian noise."""
+    p: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """Probability that mask noise zeroes an input."""
 
 
 class OptimConfig(Section):
@@ -201,6 +216,8 @@ class Config(Section):
     """Reconstruction and weight decay."""
     sparsity: SparsityConfig = SparsityConfig()
     """The sparsity penalty and how ρ̂ is obtained."""
+    noise: NoiseConfig = NoiseConfig()
+    """Input corruption (denoising)."""
     optim: OptimConfig = OptimConfig()
     """The optimizer."""
     data: DataConfig = DataConfig()
@@ -231,6 +248,13 @@ class Config(Section):
             for layer in sp.layers:
                 if sp.k > m.hidden[layer - 1]:
                     raise ValueError(f"sparsity.k={sp.k} exceeds the {m.hidden[layer - 1]} units of encoder layer {layer}")
+        if sp.auxk:
+            if sp.kind != "topk":
+                raise ValueError("sparsity.auxk needs sparsity.kind=topk")
+            if n_enc != 1 or m.output != "linear":
+                raise ValueError("sparsity.auxk needs one hidden layer (model.hidden=[h]) and model.output=linear")
+            if sp.auxk > m.hidden[0]:
+                raise ValueError(f"sparsity.auxk={sp.auxk} exceeds the {m.hidden[0]} hidden units")
         if sp.passes == 1 and not (sp.kind == "kl" and sp.layers == [1]):
             raise ValueError("sparsity.passes=1 (one-pass gradient) needs sparsity.kind=kl on layer 1 alone (sparsity.layers=[1])")
         if isinstance(self.loss.weight_decay, list) and len(self.loss.weight_decay) != 2 * n_enc:

@@ -93,6 +93,9 @@ class PassRunner:
         self.dtype = DTYPES[cfg.compute.dtype]
         self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
         self.g: list[torch.Tensor] | None = None
+        self.dead: torch.Tensor | None = None
+        self.noise = cfg.noise
+        self.seed = cfg.run.seed
         self._theta_key: object = None
 
     def set_theta(self, theta: np.ndarray, key: object = None) -> None:
@@ -104,8 +107,11 @@ class PassRunner:
         self._theta_key = key
 
     def set_g(self, g: list[np.ndarray] | None) -> None:
-        """The constant KL′ vectors for pass 2 (one per penalised layer), or None."""
-        self.g = None if g is None else [torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in g]
+        """Pass 2's constants (SparsityState.constants): KL′ per penalised layer, then the AuxK dead mask."""
+        consts = [torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in (g or [])]
+        n_kl = len(self.obj.layers) if self.obj.kind == "kl" else 0
+        self.g = consts[:n_kl] or None
+        self.dead = consts[n_kl].bool() if len(consts) > n_kl else None
 
     def to_device(self, block: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(block)
@@ -113,15 +119,31 @@ class PassRunner:
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
         return x.to(self.dtype)
 
+    def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
+        """The denoising input for a unit's rows, or None without noise.
+
+        The noise is drawn on the CPU in float64 from a generator seeded by (run seed, unit id), so
+        it is the same whichever worker or device runs the unit, in pass 1 and pass 2 alike.
+        """
+        if self.noise.kind == "none":
+            return None
+        gen = torch.Generator().manual_seed(corruption_seed(self.seed, unit.id, 0))
+        if self.noise.kind == "gaussian":
+            noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * self.noise.sigma
+            return x + noise.to(x.device, x.dtype)
+        keep = torch.rand(x.shape, generator=gen, dtype=torch.float64) >= self.noise.p
+        return x * keep.to(x.device, x.dtype)
+
     def compute(self, kind: str, unit: WorkUnit, block: np.ndarray) -> Sums:
         """Partial sums of one unit's rows for pass1, pass2 or onepass."""
         x = self.to_device(block)
+        x_in = self.corrupt(x, unit)
         if kind == "pass1":
-            return pass1_block(self.model, x)
+            return pass1_block(self.model, x if x_in is None else x_in)
         if kind == "pass2":
-            return pass2_block(self.model, self.obj, x, self.g)
+            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead)
         if kind == "onepass":
-            return onepass_block(self.model, self.obj, x)
+            return onepass_block(self.model, self.obj, x, x_in)
         raise ValueError(f"unknown pass {kind!r}")
 
     @torch.no_grad()
@@ -163,6 +185,7 @@ class LocalEvaluator:
         self.units = runner.dataset.units(block_rows)
         self.rows = runner.dataset.rows
         self._version = 0
+        self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close()
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
         self._version += 1
@@ -170,6 +193,7 @@ class LocalEvaluator:
         self.runner.set_g(g)
         reducer = OrderedReducer([u.id for u in units])
         io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
+        bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
         t0 = mark = time.perf_counter()
         for unit, block in prefetch(self.runner.reader, units, self.prefetch_depth):
             got = time.perf_counter()
@@ -177,6 +201,10 @@ class LocalEvaluator:
             reducer.add(unit.id, self.runner.compute(kind, unit, block))
             mark = time.perf_counter()
             compute_s += mark - got
+            if bar is not None:
+                bar.update(unit.rows)
+        if bar is not None:
+            bar.close()
         return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
 
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
@@ -217,28 +245,41 @@ class PassProblem:
         return sums, timing
 
     def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
-        sums, _ = self._run("pass1", theta, units or self.units)
-        return split_layers(sums["act"] / sums["rows"], self.layout.hidden)
+        return self._pass1(theta, units or self.units)[0]
+
+    def _pass1(self, theta: np.ndarray, units: list[WorkUnit]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(mean activation, rows where active) per encoder layer over `units`."""
+        sums, _ = self._run("pass1", theta, units)
+        hidden = self.layout.hidden
+        return split_layers(sums["act"] / sums["rows"], hidden), split_layers(sums["fired"], hidden)
 
     def evaluate(self, theta: np.ndarray, units: list[WorkUnit] | None = None, state: SparsityState | None = None) -> Evaluation:
         units = units or self.units
         stats: dict[str, float] = {}
+        pass1_timing: dict[str, float] = {}
         if state is None and self.obj.uses_rho_hat and self.passes == 1:
             sums, timing = self._run("onepass", theta, units)
             state = sparsity_state(self.obj, split_layers(sums["act"] / sums["rows"], self.layout.hidden))
             stats["pass2_s"] = timing["wall_s"]
         else:
-            if state is None and self.obj.uses_rho_hat:
+            if state is None and (self.obj.uses_rho_hat or self.obj.auxk):
                 t0 = time.perf_counter()
-                state = sparsity_state(self.obj, self.layer_means(theta, units))
+                sums1, pass1_timing = self._run("pass1", theta, units)
+                hidden = self.layout.hidden
+                state = sparsity_state(self.obj, split_layers(sums1["act"] / sums1["rows"], hidden))
+                if self.obj.auxk:  # AuxK's dead units: fired on no row of this pass 1
+                    state.dead = split_layers(sums1["fired"], hidden)[0] == 0
                 stats["pass1_s"] = time.perf_counter() - t0
             elif state is None:
                 state = sparsity_state(self.obj, [])
-            sums, timing = self._run("pass2", theta, units, state.g or None)
+            sums, timing = self._run("pass2", theta, units, state.constants())
             stats["pass2_s"] = timing["wall_s"]
         ev = finalize(self.obj, self.layout, theta, sums, state, self.decay)
         ev.stats.update(stats)
         ev.stats.update({k: v for k, v in timing.items() if k != "wall_s"})
+        for key in ("io_s", "compute_s"):  # I/O and compute time of both passes of this evaluation
+            if key in pass1_timing and key in ev.stats:
+                ev.stats[key] += pass1_timing[key]
         return ev
 
 

@@ -39,6 +39,7 @@ class Forward(NamedTuple):
 
     hidden: list[torch.Tensor]  # encoder activations a^(l), each (B, h_l), input side first
     output: torch.Tensor  # reconstruction x̂, (B, n)
+    pre: list[torch.Tensor]  # encoder pre-activations z^(l) before top-k, each (B, h_l)
 
 
 def layer_sizes(visible: int, hidden: list[int]) -> list[int]:
@@ -91,6 +92,7 @@ class SparseAutoencoder(torch.nn.Module):
         output: output activation name (sigmoid or linear).
         tied: decoder weights are transposes of the mirrored encoder weights.
         topk: {encoder layer (1-based): k} layers whose pre-activations keep only the k largest.
+        decoder_norm: the output decoder's columns are used at unit norm (W / ‖W_col‖).
         dtype, device: of `theta`.
     """
 
@@ -102,6 +104,7 @@ class SparseAutoencoder(torch.nn.Module):
         output: str = "sigmoid",
         tied: bool = False,
         topk: dict[int, int] | None = None,
+        decoder_norm: bool = False,
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -109,6 +112,7 @@ class SparseAutoencoder(torch.nn.Module):
         self.visible, self.hidden = visible, list(hidden)
         self.activation, self.output_activation, self.tied = activation, output, tied
         self.topk = dict(topk or {})
+        self.decoder_norm = decoder_norm
         self.sizes = layer_sizes(visible, self.hidden)
         self.num_layers = len(self.sizes) - 1  # weight matrices, input to output
         self.num_encoder = len(self.hidden)
@@ -130,7 +134,7 @@ class SparseAutoencoder(torch.nn.Module):
         if m.visible is None:
             raise ModelError("model.visible is not set: give it, or train on a dataset so it is taken from the data")
         topk = {layer: sp.k for layer in sp.layers} if sp.kind == "topk" else None
-        return cls(m.visible, m.hidden, m.activation, m.output, m.tied, topk, dtype, device)
+        return cls(m.visible, m.hidden, m.activation, m.output, m.tied, topk, m.decoder_norm, dtype, device)
 
     @property
     def num_params(self) -> int:
@@ -143,10 +147,15 @@ class SparseAutoencoder(torch.nn.Module):
         return flat[spec.offset : spec.offset + math.prod(spec.shape)].view(spec.shape)
 
     def weight(self, layer: int, theta: torch.Tensor | None = None) -> torch.Tensor:
-        """W of a layer, (fan_out, fan_in); a tied decoder weight is the mirrored encoder weight transposed."""
+        """W of a layer as used, (fan_out, fan_in): a tied decoder weight is the mirrored encoder weight
+        transposed; with decoder_norm the output layer's columns are scaled to unit norm."""
         if self.tied and layer > self.num_encoder:
-            return self.param(f"W{self.num_layers + 1 - layer}", theta).t()
-        return self.param(f"W{layer}", theta)
+            w = self.param(f"W{self.num_layers + 1 - layer}", theta).t()
+        else:
+            w = self.param(f"W{layer}", theta)
+        if self.decoder_norm and layer == self.num_layers:
+            w = w / w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        return w
 
     def weight_mask(self) -> torch.Tensor:
         """1 on the entries of θ that are weights (decayed), 0 on biases."""
@@ -173,17 +182,24 @@ class SparseAutoencoder(torch.nn.Module):
 
     def encode_layers(self, x: torch.Tensor, theta: torch.Tensor | None = None, upto: int | None = None) -> list[torch.Tensor]:
         """Encoder activations [a^(1), ..., a^(upto)] for x (B, n); each a^(l) is (B, h_l)."""
-        acts, h = [], x
+        return self._encode(x, theta, upto)[0]
+
+    def _encode(self, x, theta, upto=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        acts, pres, h = [], [], x
         for layer in range(1, (upto or self.num_encoder) + 1):
             z = F.linear(h, self.weight(layer, theta), self.param(f"b{layer}", theta))
+            pres.append(z)
             if layer in self.topk:
                 z = keep_topk(z, self.topk[layer])
             h = activate(z, self.activation)
             acts.append(h)
-        return acts
+        return acts, pres
 
-    def decode(self, code: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction x̂ (B, n) from the innermost code (B, h_k)."""
+    def decode(self, code, theta: torch.Tensor | None = None):
+        """Reconstruction x̂ (B, n) from the innermost code (B, h_k); numpy in gives numpy out (no grad)."""
+        if not isinstance(code, torch.Tensor):
+            with torch.no_grad():
+                return self.decode(self._as_tensor(code)[0], theta).cpu().numpy()
         h = code
         for layer in range(self.num_encoder + 1, self.num_layers + 1):
             z = F.linear(h, self.weight(layer, theta), self.param(f"b{layer}", theta))
@@ -191,8 +207,8 @@ class SparseAutoencoder(torch.nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> Forward:
-        hidden = self.encode_layers(x, theta)
-        return Forward(hidden, self.decode(hidden[-1], theta))
+        hidden, pre = self._encode(x, theta)
+        return Forward(hidden, self.decode(hidden[-1], theta), pre)
 
     def _as_tensor(self, x) -> tuple[torch.Tensor, bool]:
         is_numpy = not isinstance(x, torch.Tensor)
@@ -214,6 +230,10 @@ class SparseAutoencoder(torch.nn.Module):
         return out.cpu().numpy() if is_numpy else out
 
     # ---- named tensors -------------------------------------------------------------------
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The free parameters' named views of a flat vector of θ's layout (e.g. a gradient), as stored."""
+        return {spec.name: self.param(spec.name, flat) for spec in self.specs}
 
     def named_tensors(self, theta: torch.Tensor | None = None, materialize_tied: bool = True) -> dict[str, torch.Tensor]:
         """{"W1": ..., "b1": ..., ...} input to output; tied decoder weights are materialised copies."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .model import SparseAutoencoder, activation_derivative
+from .model import SparseAutoencoder, activation_derivative, keep_topk, activate
 
 Sums = dict[str, np.ndarray]  # named float64 partial sums of one or more blocks; "rows" counts rows
 
@@ -35,6 +35,8 @@ class Objective:
     l1: float
     tanh: bool  # KL works on q = (1 + a) / 2
     weight_decay: tuple[float, ...]  # λ per weight matrix W1..WL
+    auxk: int = 0  # AuxK: dead units used to reconstruct the residual (top-k only)
+    auxk_coef: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> Objective:
@@ -50,6 +52,8 @@ class Objective:
             l1=sp.l1,
             tanh=cfg.model.activation == "tanh",
             weight_decay=tuple(wd) if isinstance(wd, list) else (float(wd),) * num_weights,
+            auxk=sp.auxk if sp.kind == "topk" else 0,
+            auxk_coef=sp.auxk_coef,
         )
 
     @property
@@ -87,6 +91,12 @@ class SparsityState:
     g: list[np.ndarray]  # per penalised layer, float64, already scaled by dq/da
     penalty: float  # β Σ KL(ρ‖ρ̂)
     clamped: int  # units whose ρ̂ hit the clamp
+    dead: np.ndarray | None = None  # AuxK: (h1,) bool, units that fired on no row of the last pass 1
+
+    def constants(self) -> list[np.ndarray] | None:
+        """What pass 2 workers need, as one list of arrays: g per KL layer, then the dead mask if any."""
+        consts = list(self.g) + ([self.dead.astype(np.float64)] if self.dead is not None else [])
+        return consts or None
 
 
 def sparsity_state(obj: Objective, layer_means: list[np.ndarray]) -> SparsityState:
@@ -115,14 +125,43 @@ def _to64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
+def active(a: torch.Tensor, activation: str) -> torch.Tensor:
+    """Which units count as active (for L0 and dead units): sigmoid a > ½, tanh a > 0, else a ≠ 0."""
+    if activation == "sigmoid":
+        return a > 0.5
+    if activation == "tanh":
+        return a > 0
+    return a != 0
+
+
+def _layer_sums(acts: list[torch.Tensor], activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ_i a_i, Σ_i [a_i active]) of every encoder layer, concatenated (Σ h_l,), float64."""
+    sums = torch.cat([a.detach().sum(0, dtype=torch.float64) for a in acts])
+    fired = torch.cat([active(a.detach(), activation).sum(0, dtype=torch.float64) for a in acts])
+    return _to64(sums), _to64(fired)
+
+
 @torch.no_grad()
 def pass1_block(model: SparseAutoencoder, x: torch.Tensor) -> Sums:
-    """Pass 1 on a block x (B, n): Σ_i a^(l)_i for every encoder layer, concatenated (Σ h_l,)."""
-    acts = model.encode_layers(x)
-    return {
-        "rows": np.array(float(x.shape[0])),
-        "act": _to64(torch.cat([a.sum(0, dtype=torch.float64) for a in acts])),
-    }
+    """Pass 1 on a block x (B, n): Σ_i a^(l)_i and active counts for every encoder layer, (Σ h_l,) each."""
+    act, fired = _layer_sums(model.encode_layers(x), model.activation)
+    return {"rows": np.array(float(x.shape[0])), "act": act, "fired": fired}
+
+
+def auxk_residual_loss(model: SparseAutoencoder, obj: Objective, fwd, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the k_aux largest pre-activations among dead units reconstruct the
+    residual e = x − x̂ through the decoder (no bias); returns Σ_rows ½‖e − ê‖².
+
+    dead: (h1,) bool. One hidden layer, linear output (checked by the config).
+    """
+    k = min(obj.auxk, int(dead.sum()))
+    if k == 0:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    z = fwd.pre[0].masked_fill(~dead, float("-inf"))  # (B, h1): only dead units compete
+    code = activate(keep_topk(z, k), model.activation)  # (B, h1), k_aux nonzeros per row
+    residual = (x - fwd.output).detach()  # (B, n)
+    e_hat = code @ model.weight(model.num_layers).t()  # (B, n)
+    return 0.5 * ((residual - e_hat) ** 2).sum()
 
 
 def pass2_block(
@@ -131,6 +170,7 @@ def pass2_block(
     x: torch.Tensor,
     g: list[torch.Tensor] | None,
     x_in: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
 ) -> Sums:
     """Pass 2 on a block: the surrogate-loss gradient of SPEC §2 and the loss sums.
 
@@ -138,8 +178,10 @@ def pass2_block(
         x: target rows (B, n) in the compute dtype.
         g: per penalised layer, the constant KL′ vector (h_l,) in the compute dtype; None without KL.
         x_in: the encoder's input when it differs from the target (denoising); default x.
+        dead: AuxK dead-unit mask (h1,) bool, or None.
 
-    Returns float64 sums: grad (P,), recon Σ½‖x̂−x‖², act (Σ h_l,), sum_x (n,), sum_x2, l1, rows.
+    Returns float64 sums: grad (P,), recon Σ½‖x̂−x‖², act and fired (Σ h_l,), sum_x (n,), sum_x2,
+    l1, auxk, rows.
     """
     fwd = model(x if x_in is None else x_in)
     diff = fwd.output - x  # (B, n)
@@ -153,15 +195,22 @@ def pass2_block(
         for layer in obj.layers:
             l1 = l1 + fwd.hidden[layer - 1].abs().sum()
         surrogate = surrogate + obj.l1 * l1
+    aux = torch.zeros((), dtype=x.dtype, device=x.device)
+    if obj.auxk and dead is not None:
+        aux = auxk_residual_loss(model, obj, fwd, x, dead)
+        surrogate = surrogate + obj.auxk_coef * aux
     (grad,) = torch.autograd.grad(surrogate, model.theta)
+    act, fired = _layer_sums(fwd.hidden, model.activation)
     return {
         "rows": np.array(float(x.shape[0])),
         "grad": _to64(grad),
         "recon": np.array(float(recon.detach().to(torch.float64))),
-        "act": _to64(torch.cat([a.detach().sum(0, dtype=torch.float64) for a in fwd.hidden])),
+        "act": act,
+        "fired": fired,
         "sum_x": _to64(x.sum(0, dtype=torch.float64)),
         "sum_x2": np.array(float((x.to(torch.float64) ** 2).sum())),
         "l1": np.array(float(l1.detach().to(torch.float64))),
+        "auxk": np.array(float(aux.detach().to(torch.float64))),
     }
 
 
@@ -276,12 +325,21 @@ def finalize(
         sparsity = obj.l1 * float(sums["l1"]) / m
     else:
         sparsity = 0.0
+    auxk = obj.auxk_coef * float(sums["auxk"]) / m if obj.auxk else 0.0
     # FVU = Σ‖x̂−x‖² / Σ‖x − x̄‖², with Σ‖x − x̄‖² = Σ‖x‖² − m‖x̄‖².
     total_var = float(sums["sum_x2"]) - float(np.dot(sums["sum_x"], sums["sum_x"])) / m
-    stats = {"fvu": 2.0 * float(sums["recon"]) / total_var if total_var > 0 else float("nan"), "clamped": state.clamped}
+    stats = {
+        "fvu": 2.0 * float(sums["recon"]) / total_var if total_var > 0 else float("nan"),
+        "clamped": state.clamped,
+        "l0": [float(f.sum()) / m for f in split_layers(sums["fired"], model.hidden)],  # active units per row
+        "dead": [int((f == 0).sum()) for f in split_layers(sums["fired"], model.hidden)],  # never active
+    }
+    terms = {"reconstruction": recon, "weight_decay": weight_decay, "sparsity": sparsity}
+    if obj.auxk:
+        terms["auxk"] = auxk
     return Evaluation(
-        loss=recon + weight_decay + sparsity,
-        terms={"reconstruction": recon, "weight_decay": weight_decay, "sparsity": sparsity},
+        loss=sum(terms.values()),
+        terms=terms,
         grad=grad,
         rows=int(m),
         layer_means=split_layers(sums["act"] / m, model.hidden),

@@ -86,7 +86,7 @@ def cmd_evaluate(args) -> int:
         from ..model import SparseAutoencoder
 
         layout = SparseAutoencoder.from_config(cfg)
-        grads = layout.named_tensors(torch.from_numpy(ev.grad), materialize_tied=False)
+        grads = layout.split(torch.from_numpy(ev.grad))
         save_file({k: v.contiguous() for k, v in grads.items()}, args.grad_out)
         result["grad_out"] = args.grad_out
     if args.json:
