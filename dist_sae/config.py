@@ -160,6 +160,8 @@ class DataConfig(Section):
     """Rows per work unit: memory per worker is bounded by this, not by shard or dataset size."""
     prefetch: int = Field(default=2, ge=0)
     """Blocks read ahead in a background thread while the current one is computed; 0 reads inline."""
+    transform: str | None = None
+    """Dataset folder whose saved preprocessing (transform.safetensors) is applied to every row read, so raw data is seen as the training data was; empty: rows are used as stored. evaluate/encode set it to the training data when new data carries no preprocessing."""
 
 
 class ComputeConfig(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -57,14 +58,45 @@ def resolve_device(requested: str, gpus_assigned: float = 0.0) -> torch.device:
     return torch.device("cuda")
 
 
+def input_transform(cfg: Config):
+    """The preprocessing applied to rows as they are read (data.transform), or None."""
+    if not cfg.data.transform:
+        return None
+    from .transforms import load_transform
+
+    transform = load_transform(cfg.data.transform)
+    if transform is None:
+        raise DataError(f"data.transform={cfg.data.transform} has no saved preprocessing (no transform in its dataset.json)")
+    return transform
+
+
 def bind_dataset(cfg: Config, dataset: Dataset) -> Config:
-    """The config with model.visible taken from the data, checked against it, and data.path set."""
+    """The config with model.visible taken from the data (after data.transform), checked, and data.path set."""
+    transform = input_transform(cfg)
+    dim = dataset.dim if transform is None else transform.out_dim(dataset.dim)
     visible = cfg.model.visible
-    if visible is not None and visible != dataset.dim:
-        raise DataError(
-            f"the model takes {visible} inputs (model.visible) but {dataset.path} has rows of {dataset.dim} features"
-        )
-    return cfg.with_overrides({"model.visible": dataset.dim, "data.path": str(dataset.path)})
+    if visible is not None and visible != dim:
+        via = "" if transform is None else f" after the preprocessing of {cfg.data.transform}"
+        raise DataError(f"the model takes {visible} inputs (model.visible) but {dataset.path} has rows of {dim} features{via}")
+    return cfg.with_overrides({"model.visible": dim, "data.path": str(dataset.path)})
+
+
+def inherited_transform(trained_on: str | None, dataset: Dataset) -> list[str]:
+    """Overrides that make new raw data be preprocessed like the model's training data.
+
+    When `dataset` records no preprocessing of its own but the training data folder saved a
+    transform, its rows get that transform as they are read (data.transform).
+    """
+    if not trained_on or dataset.meta.get("transform") or not Path(trained_on, "dataset.json").is_file():
+        return []
+    if Path(trained_on).resolve() == Path(dataset.path).resolve():
+        return []
+    from .transforms import load_transform
+
+    if load_transform(trained_on) is None:
+        return []
+    log.info("applying the preprocessing saved with the training data %s to %s", trained_on, dataset.path)
+    return [f"data.transform={trained_on}"]
 
 
 def corruption_seed(seed: int, unit_id: int, noise_round: int) -> int:
@@ -92,6 +124,7 @@ class PassRunner:
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.compute.dtype]
         self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
+        self.input_transform = input_transform(cfg)  # raw rows -> what the model was trained on
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
         self.noise = cfg.noise
@@ -114,6 +147,8 @@ class PassRunner:
         self.dead = consts[n_kl].bool() if len(consts) > n_kl else None
 
     def to_device(self, block: np.ndarray) -> torch.Tensor:
+        if self.input_transform is not None:
+            block = self.input_transform.apply(block)
         x = torch.from_numpy(block)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)

@@ -152,3 +152,22 @@ def test_dimension_mismatch_between_model_and_data(tmp_path):
     with pytest.raises(DataError, match="the model takes 9 inputs .* rows of 4 features"):
         train(config(tmp_path / "d", run__out=str(tmp_path / "r"), model__visible=9))
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_applies_the_training_datas_saved_preprocessing_to_raw_data(tmp_path):
+    from dist_sae.api import evaluate
+    from dist_sae.prep import build_from_npy
+    from dist_sae.transforms import StepSpec
+
+    x = random_rows(120, 5, seed=4) * np.array([1, 10, 100, 0.1, 3])  # features on very different scales
+    np.save(tmp_path / "x.npy", x)
+    build_from_npy(tmp_path / "x.npy", tmp_path / "raw", shards=2)
+    build_from_npy(tmp_path / "x.npy", tmp_path / "std", shards=3, preprocessing=[StepSpec("standardize")])
+    cfg = config(tmp_path / "std", run__out=str(tmp_path / "run"), model__hidden=[3], model__output="linear", optim__steps=3)
+    train(cfg)
+    on_std, _ = evaluate(tmp_path / "run", tmp_path / "std", ["workers.engine=local"])
+    on_raw, raw_cfg = evaluate(tmp_path / "run", tmp_path / "raw", ["workers.engine=local"])
+    assert raw_cfg.data.transform == str(tmp_path / "std")
+    assert on_raw.loss == pytest.approx(on_std.loss, rel=1e-9)
+    as_stored, _ = evaluate(tmp_path / "run", tmp_path / "raw", ["workers.engine=local", "data.transform="])
+    assert as_stored.loss > 10 * on_std.loss  # without it, the raw scales wreck the reconstruction

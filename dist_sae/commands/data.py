@@ -1,34 +1,249 @@
-"""data build / check / info / transform."""
+"""`dist-sae data build | transform | check | info`: thin shells over dist_sae.prep and dist_sae.check."""
 
 from __future__ import annotations
 
-from .. import prep
+import argparse
+import json
+import sys
+
+from ..errors import DataError
+
+SOURCE_HELP = """sources:
+  npy        INPUT is a .npy or .npz array (rows first), memory-mapped
+  idx        INPUT is an MNIST/Fashion-MNIST IDX file, gzipped or not; uint8 is scaled to [0, 1]
+  images     INPUT is a folder tree of PNG/JPEG/TIFF (--mode, --size, --fit); undecodable files are skipped
+  patches    random --patch x --patch patches of whitened images (INPUT folder, or scikit-image's photographs);
+             defaults give the notes' exercise data: 10,000 8x8 patches normalised to [0.1, 0.9]
+  digits     scikit-learn's 1797 8x8 digits in [0, 1] (--size 28 upsamples)
+  synthetic  --rows N seeded rows of --dim features with planted sparse structure
+"""
+
+
+def _preprocessing_args(p: argparse.ArgumentParser, notes_default: str | None = None) -> None:
+    g = p.add_argument_group("preprocessing (dataset-wide statistics are computed out of core and saved in the folder)")
+    g.add_argument("--normalize", choices=["notes", "none"], default=notes_default, help="notes: remove each row's mean, clip at ±3 std, map to [0.1, 0.9] (default: notes for patches, none otherwise)")
+    g.add_argument("--standardize", action="store_true", help="per feature: subtract the mean, divide by the std")
+    g.add_argument("--pca", type=int, nargs="?", const=0, metavar="K", help="PCA whitening, keeping K components (default all)")
+    g.add_argument("--zca", action="store_true", help="ZCA whitening")
+    g.add_argument("--epsilon", type=float, default=0.1, help="regulariser added to each eigenvalue for PCA/ZCA (default 0.1)")
+    g.add_argument("--ray", action="store_true", help="compute the statistics with Ray tasks (a local Ray on 127.0.0.1 unless --address)")
+    g.add_argument("--address", help="Ray cluster to join for the statistics ('auto' or HOST:PORT); implies --ray")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="dataset folder to create (appears only when complete)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--shards", type=int, help="number of shards (sources with a known row count)")
+    size.add_argument("--shard-rows", type=int, help="rows per shard")
+    size.add_argument("--shard-size", help="bytes per shard, e.g. 256MB (the default)")
+    g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
+    g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default none)")
+    g.add_argument("--dtype", choices=["float32", "float64", "float16"], help="stored dtype (default: float32, float64 for float64 input)")
+    g.add_argument("--block-rows", type=int, help="rows streamed at a time (default: ~32 MB)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder once the new one is complete")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def register(sub) -> None:
-    data = sub.add_parser("data", help="build, check and inspect datasets")
+    data = sub.add_parser("data", help="build, transform, check and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = dsub.add_parser("build", help="write a dataset folder from a source")
-    p.add_argument("--from", dest="source", required=True, choices=["npy"], help="source kind")
-    p.add_argument("input", nargs="?", help="input file or folder")
-    p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--shards", type=int, help="number of shards")
-    p.add_argument("--shard-rows", type=int, help="rows per shard")
-    p.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
-    p.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+
+    p = dsub.add_parser("build", help="write a dataset folder from a source", epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, choices=["npy", "idx", "images", "patches", "digits", "synthetic"], help="source kind")
+    p.add_argument("input", nargs="?", help="input file or folder (npy, idx, images; optional for patches)")
+    _output_args(p)
+    g = p.add_argument_group("source options")
+    g.add_argument("--mode", choices=["gray", "rgb"], default="gray", help="images: grayscale or RGB")
+    g.add_argument("--size", type=int, nargs="+", metavar="N", help="images: H [W] to resize/crop to; digits: side (8 or 28)")
+    g.add_argument("--fit", choices=["resize", "crop"], default="resize", help="images: resize, or centre-crop after scaling the short side")
+    g.add_argument("--no-scale", action="store_true", help="idx: keep raw byte values (0..255) instead of [0, 1]")
+    g.add_argument("--patch", type=int, default=8, help="patches: side p of the p x p patches")
+    g.add_argument("--count", type=int, default=10000, help="patches: how many")
+    g.add_argument("--no-whiten", action="store_true", help="patches: do not whiten the images before sampling")
+    g.add_argument("--seed", type=int, default=0, help="patches, synthetic: random seed")
+    g.add_argument("--rows", type=float, help="synthetic: row count (1e7 is fine)")
+    g.add_argument("--dim", type=int, default=64, help="synthetic: features per row")
+    g.add_argument("--atoms", type=int, default=32, help="synthetic: dictionary atoms")
+    g.add_argument("--active", type=int, default=3, help="synthetic: active atoms per row")
+    _preprocessing_args(p)
     p.set_defaults(handler=cmd_build)
+
+    p = dsub.add_parser("transform", help="fit preprocessing on a dataset and write the result as a new one")
+    p.add_argument("input", help="dataset folder to read")
+    p.add_argument("out_pos", nargs="?", metavar="OUT", help="dataset folder to create (or --out)")
+    p.add_argument("--out", dest="out", help=argparse.SUPPRESS)
+    g = p.add_argument_group("output")
+    g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MB shards)")
+    g.add_argument("--shard-size", help="bytes per shard, e.g. 256MB")
+    g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
+    g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression")
+    g.add_argument("--dtype", choices=["float32", "float64", "float16"], help="stored dtype (default: the input's)")
+    g.add_argument("--block-rows", type=int, help="rows streamed at a time")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder once complete")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _preprocessing_args(p)
+    p.set_defaults(handler=cmd_transform)
+
+    p = dsub.add_parser("check", help="read every shard and report every problem (exit 1 if any)")
+    p.add_argument("dir", help="dataset folder")
+    p.add_argument("--json", action="store_true", help="print the problems as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_check)
+
+    p = dsub.add_parser("info", help="counts, size on disk, per-feature statistics, a PNG grid of samples")
+    p.add_argument("dir", help="dataset folder")
+    p.add_argument("--png", help="write a grid of samples to this PNG (image-shaped samples only)")
+    p.add_argument("--samples", type=int, default=64, help="samples in the PNG grid")
+    p.add_argument("--max-rows", type=int, help="compute the statistics over the first N rows only")
+    p.add_argument("--json", action="store_true", help="print the info as JSON")
+    p.set_defaults(handler=cmd_info)
+
+
+def _specs(args) -> list:
+    from ..transforms import StepSpec
+
+    specs = []
+    if args.normalize == "notes":
+        specs.append(StepSpec("notes"))
+    if args.standardize:
+        specs.append(StepSpec("standardize"))
+    if args.pca is not None and args.zca:
+        raise DataError("choose --pca or --zca, not both")
+    if args.pca is not None:
+        specs.append(StepSpec("pca", args.epsilon, args.pca or None))
+    if args.zca:
+        specs.append(StepSpec("zca", args.epsilon))
+    return specs
+
+
+def _stats(args):
+    if not (args.ray or args.address):
+        return None
+    from ..cluster.stats import ray_sums_fn
+
+    return lambda dataset, block_rows: ray_sums_fn(dataset, block_rows, address=args.address)
 
 
 def cmd_build(args) -> int:
-    ds = prep.build_from_npy(
-        args.input,
+    from .. import patches, prep, sources
+
+    kind = args.source
+    if kind in ("npy", "idx", "images") and not args.input:
+        raise DataError(f"--from {kind} needs an INPUT {'folder' if kind == 'images' else 'file'}")
+    if kind == "patches" and args.normalize is None:
+        args.normalize = "notes"
+    if kind == "npy":
+        source = sources.NpySource(args.input)
+    elif kind == "idx":
+        source = sources.IdxSource(args.input, scale=not args.no_scale)
+    elif kind == "images":
+        size = None
+        if args.size:
+            size = (args.size[0], args.size[-1]) if len(args.size) <= 2 else None
+            if size is None:
+                raise DataError("--size takes H or H W")
+        source = sources.ImageFolderSource(args.input, args.mode, size, args.fit)
+    elif kind == "patches":
+        source = patches.PatchSource(args.input, args.patch, args.count, args.seed, whiten=not args.no_whiten)
+    elif kind == "digits":
+        source = sources.DigitsSource(args.size[0] if args.size else 8)
+    else:
+        if not args.rows:
+            raise DataError("--from synthetic needs --rows N")
+        source = sources.SyntheticSource(int(args.rows), args.dim, args.seed, args.atoms, args.active)
+    ds = prep.build(
+        source,
         args.out,
-        shards=args.shards,
+        _specs(args),
         shard_rows=args.shard_rows,
+        shards=args.shards,
+        shard_bytes=args.shard_size,
+        block_rows=args.block_rows,
+        dtype=args.dtype,
         chunk_rows=args.chunk_rows,
         compression=args.compression,
         overwrite=args.overwrite,
+        quiet=args.quiet,
+        stats=_stats(args),
     )
-    print(f"wrote {ds.rows} rows of {ds.dim} features in {len(ds.shards)} shard(s) to {ds.path}")
+    _summary(ds)
+    if source.skipped:
+        print(f"skipped {len(source.skipped)} file(s) that could not be decoded: {', '.join(sorted(source.skipped)[:10])}{' ...' if len(source.skipped) > 10 else ''}")
+    return 0
+
+
+def cmd_transform(args) -> int:
+    from .. import prep
+
+    out = args.out or args.out_pos
+    if not out:
+        raise DataError("give the output folder: dist-sae data transform IN OUT")
+    ds = prep.transform_dataset(
+        args.input,
+        out,
+        _specs(args),
+        stats=_stats(args),
+        block_rows=args.block_rows,
+        shard_rows=args.shard_rows,
+        shard_bytes=args.shard_size,
+        dtype=args.dtype,
+        chunk_rows=args.chunk_rows,
+        compression=args.compression,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    _summary(ds)
+    return 0
+
+
+def _summary(ds) -> None:
+    steps = ", ".join(p["kind"] for p in ds.preprocessing) or "none"
+    print(f"wrote {ds.rows} rows of {ds.dim} features ({'x'.join(map(str, ds.sample_shape))}, {ds.dtype}) in {len(ds.shards)} shard(s) to {ds.path}")
+    print(f"preprocessing: {steps}; fingerprint {ds.fingerprint}")
+
+
+def cmd_check(args) -> int:
+    from tqdm import tqdm
+
+    from ..check import check_dataset
+
+    bar = tqdm(unit="row", unit_scale=True, disable=args.quiet or not sys.stderr.isatty(), leave=False, file=sys.stderr)
+    try:
+        problems = check_dataset(args.dir, progress=bar.update)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps([{"file": p.file, "rows": list(p.rows) if p.rows else None, "message": p.message} for p in problems], indent=2))
+    elif problems:
+        print(f"{len(problems)} problem(s) in {args.dir}:")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"{args.dir}: OK")
+    return 1 if problems else 0
+
+
+def cmd_info(args) -> int:
+    from ..check import dataset_info, human_bytes, is_image_shape, sample_grid
+
+    info = dataset_info(args.dir, max_rows=args.max_rows)
+    if args.png:
+        if not is_image_shape(info["sample_shape"]):
+            raise DataError(f"{args.dir}: sample shape {info['sample_shape']} is not an image, so --png has nothing to draw")
+        info["png"] = str(sample_grid(args.dir, args.png, count=args.samples))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    fm, fs = info["feature_mean"], info["feature_std"]
+    print(f"{info['path']}")
+    print(f"  rows {info['rows']}, dim {info['dim']}, sample shape {info['sample_shape']}, {info['dtype']}, {info['shards']} shard(s), {human_bytes(info['bytes_on_disk'])} on disk")
+    print(f"  source: {json.dumps(info['source'])}")
+    print(f"  preprocessing: {', '.join(p['kind'] for p in info['preprocessing']) or 'none'}")
+    print(f"  values in [{info['value_range'][0]:.4g}, {info['value_range'][1]:.4g}] over {info['rows_summarised']} rows")
+    print(f"  per-feature mean: min {fm['min']:.4g}, median {fm['median']:.4g}, max {fm['max']:.4g}")
+    print(f"  per-feature std:  min {fs['min']:.4g}, median {fs['median']:.4g}, max {fs['max']:.4g}")
+    print(f"  fingerprint {info['fingerprint']}")
+    if "png" in info:
+        print(f"  sample grid: {info['png']}")
     return 0
