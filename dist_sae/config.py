@@ -160,6 +160,8 @@ class DataConfig(Section):
     """Rows per work unit: memory per worker is bounded by this, not by shard or dataset size."""
     prefetch: int = Field(default=2, ge=0)
     """Blocks read ahead in a background thread while the current one is computed; 0 reads inline."""
+    cache_mb: int = Field(default=512, ge=0)
+    """Keep blocks a worker has read (converted to the compute dtype, on its device) for later passes, up to this many MB per worker; repeated L-BFGS passes over data that fits then skip HDF5. 0: always stream."""
     transform: str | None = None
     """Dataset folder whose saved preprocessing (transform.safetensors) is applied to every row read, so raw data is seen as the training data was; empty: rows are used as stored. evaluate/encode set it to the training data when new data carries no preprocessing."""
 

@@ -8,14 +8,15 @@ renamed into place only when complete, so an interrupted build leaves nothing th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,48 +215,43 @@ class BlockReader:
         self.close()
 
 
-def prefetch(reader: BlockReader, units: Iterable[WorkUnit], depth: int = 2) -> Iterator[tuple[WorkUnit, np.ndarray]]:
-    """Yield (unit, rows) in order, reading up to `depth` units ahead in a background thread.
+def prefetch(
+    source: BlockReader | Callable[[WorkUnit], Any],
+    units: Iterable[WorkUnit],
+    depth: int = 2,
+    executor: ThreadPoolExecutor | None = None,
+) -> Iterator[tuple[WorkUnit, Any]]:
+    """Yield (unit, block) in order, loading up to `depth` units ahead on a background thread.
 
-    The compute of one block (torch releases the GIL) overlaps the read of the next. Memory is
-    bounded by depth + 1 blocks. A read error is raised in the caller, in order.
+    source: a BlockReader, or any `load(unit)` (e.g. one that also converts and caches blocks).
+    The compute of one block (torch releases the GIL) overlaps the load of the next. Memory is
+    bounded by depth + 1 blocks. A load error is raised in the caller, in unit order. Pass a
+    long-lived single-thread `executor` to avoid starting a thread per pass.
     """
+    load = source.read if isinstance(source, BlockReader) else source
     units = list(units)
     if depth <= 0:
         for unit in units:
-            yield unit, reader.read(unit)
+            yield unit, load(unit)
         return
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        for unit in units:
-            if stop.is_set():
-                return
-            try:
-                item = (unit, reader.read(unit), None)
-            except BaseException as exc:  # handed to the consumer, raised there
-                item = (unit, None, exc)
-            while not stop.is_set():
-                try:
-                    slots.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    thread = threading.Thread(target=produce, name="dist-sae-prefetch", daemon=True)
-    thread.start()
+    pool = executor or ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")
+    ahead: deque = deque()
+    todo = iter(units)
     try:
-        for _ in units:
-            unit, block, exc = slots.get()
-            if exc is not None:
-                raise exc
+        for unit in itertools.islice(todo, depth):
+            ahead.append((unit, pool.submit(load, unit)))
+        while ahead:
+            unit, future = ahead.popleft()
+            block = future.result()  # re-raises the load's error here, in order
+            following = next(todo, None)
+            if following is not None:
+                ahead.append((following, pool.submit(load, following)))
             yield unit, block
     finally:
-        stop.set()
-        thread.join()
+        for _, future in ahead:
+            future.cancel()
+        if executor is None:
+            pool.shutdown(wait=True)
 
 
 # ---- writing -------------------------------------------------------------------------------

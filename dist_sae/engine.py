@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -125,6 +127,10 @@ class PassRunner:
         self.dtype = DTYPES[cfg.compute.dtype]
         self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
         self.input_transform = input_transform(cfg)  # raw rows -> what the model was trained on
+        self.cache_budget = cfg.data.cache_mb * 2**20
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}  # (shard, start, stop) -> block
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
         self.noise = cfg.noise
@@ -154,6 +160,24 @@ class PassRunner:
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
         return x.to(self.dtype)
 
+    def load(self, unit: WorkUnit) -> torch.Tensor:
+        """The unit's rows as a compute-dtype tensor on the device, from the block cache when there.
+
+        Blocks are cached while the cache stays within data.cache_mb; past that, they stream.
+        Safe to call from a read-ahead thread.
+        """
+        key = (unit.shard, unit.start, unit.stop)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        x = self.to_device(self.reader.read(unit))
+        size = x.element_size() * x.nelement()
+        with self._cache_lock:
+            if key not in self._cache and self._cache_bytes + size <= self.cache_budget:
+                self._cache[key] = x
+                self._cache_bytes += size
+        return x
+
     def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
         """The denoising input for a unit's rows, or None without noise.
 
@@ -169,9 +193,9 @@ class PassRunner:
         keep = torch.rand(x.shape, generator=gen, dtype=torch.float64) >= self.noise.p
         return x * keep.to(x.device, x.dtype)
 
-    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray) -> Sums:
-        """Partial sums of one unit's rows for pass1, pass2 or onepass."""
-        x = self.to_device(block)
+    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray | torch.Tensor) -> Sums:
+        """Partial sums of one unit's rows (as read, or as `load` gives them) for pass1, pass2 or onepass."""
+        x = block if isinstance(block, torch.Tensor) else self.to_device(block)
         x_in = self.corrupt(x, unit)
         if kind == "pass1":
             return pass1_block(self.model, x if x_in is None else x_in)
@@ -182,9 +206,9 @@ class PassRunner:
         raise ValueError(f"unknown pass {kind!r}")
 
     @torch.no_grad()
-    def transform(self, kind: str, block: np.ndarray, layer: int | None = None) -> np.ndarray:
+    def transform(self, kind: str, block: np.ndarray | torch.Tensor, layer: int | None = None) -> np.ndarray:
         """Per-row outputs of a block: `encode` (codes of encoder `layer`, default innermost) or `reconstruct`."""
-        x = self.to_device(block)
+        x = block if isinstance(block, torch.Tensor) else self.to_device(block)
         if kind == "encode":
             out = self.model.encode_layers(x, upto=layer or self.model.num_encoder)[-1]
         elif kind == "reconstruct":
@@ -194,10 +218,11 @@ class PassRunner:
         return out.to(device="cpu").numpy()
 
     def run_unit(self, kind: str, unit: WorkUnit) -> Sums:
-        return self.compute(kind, unit, self.reader.read(unit))
+        return self.compute(kind, unit, self.load(unit))
 
     def close(self) -> None:
         self.reader.close()
+        self._cache.clear()
 
 
 class Evaluator(Protocol):
@@ -220,6 +245,7 @@ class LocalEvaluator:
         self.units = runner.dataset.units(block_rows)
         self.rows = runner.dataset.rows
         self._version = 0
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
         self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close()
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
@@ -230,7 +256,7 @@ class LocalEvaluator:
         io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
         t0 = mark = time.perf_counter()
-        for unit, block in prefetch(self.runner.reader, units, self.prefetch_depth):
+        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
             got = time.perf_counter()
             io_s += got - mark
             reducer.add(unit.id, self.runner.compute(kind, unit, block))
@@ -246,10 +272,11 @@ class LocalEvaluator:
         """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
         self._version += 1
         self.runner.set_theta(theta, ("local", self._version))
-        for unit, block in prefetch(self.runner.reader, units, self.prefetch_depth):
+        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
             yield unit, self.runner.transform(kind, block, layer)
 
     def close(self) -> None:
+        self._reads.shutdown(wait=True)
         self.runner.close()
 
 

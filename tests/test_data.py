@@ -89,3 +89,20 @@ def test_build_from_npy_memory_maps_and_keeps_shape(tmp_path):
     with BlockReader(ds) as reader:
         got = np.concatenate([reader.read(u) for u in ds.units(1000)])
     np.testing.assert_array_equal(got, x.reshape(90, 16))
+
+
+def test_prefetch_raises_load_errors_in_order_and_keeps_order(tmp_path):
+    from dist_sae.data import WorkUnit
+
+    units = [WorkUnit(i, 0, i, i + 1) for i in range(6)]
+
+    def load(unit):
+        if unit.id == 4:
+            raise DataError("unit 4 is bad")
+        return unit.id
+
+    seen = []
+    with pytest.raises(DataError, match="unit 4 is bad"):
+        for unit, value in prefetch(load, units, depth=2):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3]

@@ -136,3 +136,21 @@ def test_kl_clamps_and_counts_units(tmp_path):
     assert ev.stats["clamped"] == 3
     assert np.isfinite(ev.loss) and np.isfinite(ev.grad).all()
     assert ev.sparsity.rho_hat[0] == pytest.approx([cfg.sparsity.clamp_eps] * 3)
+
+
+def test_block_cache_serves_later_passes_within_its_budget(tmp_path):
+    from dist_sae.engine import PassRunner
+
+    make_dataset(tmp_path / "d", random_rows(100, 4), shard_rows=100)
+    ds = Dataset.open(tmp_path / "d")
+    cfg = bind_dataset(config(tmp_path / "d", model__hidden=[3]), ds)
+    runner = PassRunner(cfg, ds)
+    units = ds.units(16)
+    first = [runner.load(u) for u in units]
+    assert all(runner.load(u) is x for u, x in zip(units, first))  # cached: the same tensors
+    tiny = PassRunner(bind_dataset(config(tmp_path / "d", model__hidden=[3], data__cache_mb=0), ds), ds)
+    assert tiny.load(units[0]) is not tiny.load(units[0])  # cache_mb=0 always streams
+    runner.close(), tiny.close()
+    ev_cached, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[3]), tmp_path / "d")
+    ev_stream, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[3], data__cache_mb=0), tmp_path / "d")
+    assert ev_cached.loss == ev_stream.loss and (ev_cached.grad == ev_stream.grad).all()
