@@ -71,3 +71,12 @@ def test_every_field_is_documented():
     assert len(rows) > 40
     missing = [key for key, _, doc in rows if not doc]
     assert missing == []
+
+
+def test_shipped_example_configs_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        load_config(path)  # raises ConfigError naming the file and field if one rots
