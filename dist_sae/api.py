@@ -22,7 +22,7 @@ import torch
 from .checkpoint import CHECKPOINTS, latest_checkpoint, save_checkpoint
 from .config import Config, load_config
 from .data import Dataset
-from .engine import bind_dataset, local_problem, minibatches
+from .engine import bind_dataset, inherited_transform, local_problem, minibatches
 from .errors import CheckpointError, ConfigError, DistSaeError, TrainingError
 from .model import CONFIG_FILE, MODEL_FILE, SparseAutoencoder, load_model, load_weights_into, save_model
 from .objective import Evaluation
@@ -108,6 +108,21 @@ def _progress(cfg: Config, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
 
 
+def pass_progress(cfg: Config):
+    """A factory (kind, rows) -> tqdm bar of one pass (rows/s, ETA), under the step bar; None when quiet.
+
+    Bars appear only for passes longer than half a second, so quick passes do not flicker.
+    """
+    if cfg.run.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    def bar(kind: str, rows: int):
+        return tqdm(total=rows, desc=kind, unit="row", unit_scale=True, leave=False, position=1, delay=0.5, dynamic_ncols=True)
+
+    return bar
+
+
 def train(
     cfg: Config,
     init: str | Path | None = None,
@@ -131,6 +146,7 @@ def train(
         raise ConfigError("no data: give --data DIR (or data.path=DIR)")
     if not cfg.run.out:
         raise ConfigError("no run directory: give --out DIR (or run.out=DIR)")
+    writer_class = _tensorboard_class(cfg)  # fails before any work when the package is missing
     dataset = Dataset.open(cfg.data.path)
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
@@ -143,15 +159,46 @@ def train(
         _check_resume(checkpoint[1], cfg, dataset, allow_change)
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     cfg.save(run_dir / CONFIG_FILE)
+    tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
     session = open_session(cfg, dataset)
     try:
+        if hasattr(session.problem.evaluator, "progress"):
+            session.problem.evaluator.progress = pass_progress(cfg)
         stepper = session.stepper(initial_theta(cfg, init))
         if checkpoint is not None:
             stepper.load_state_dict(checkpoint[0])
             log.info("resumed %s at step %d", run_dir, checkpoint[0]["meta"]["step"])
-        return _loop(cfg, dataset, run_dir, stepper)
+        result = _loop(cfg, dataset, run_dir, stepper, tensorboard)
+        if cfg.run.report:
+            _write_report(run_dir, session.problem)
+        return result
     finally:
+        if tensorboard is not None:
+            tensorboard.close()
         session.close()
+
+
+def _tensorboard_class(cfg: Config):
+    """TensorBoard's SummaryWriter class when run.tensorboard is true, else None (an optional dependency)."""
+    if not cfg.run.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or set run.tensorboard=false)") from None
+    return SummaryWriter
+
+
+def _write_report(run_dir: Path, problem) -> None:
+    """The end-of-training report; a failure here is logged, never loses the trained model."""
+    from .report import write_report
+
+    try:
+        page = write_report(run_dir, problem=problem).page
+        log.info("report: %s", page)
+    except Exception as exc:  # the model is already saved; say how to retry
+        log.warning("the report could not be written (%s: %s); retry with `dist-sae report %s`", type(exc).__name__, exc, run_dir,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
 
 
 def _check_resume(info: dict[str, Any], cfg: Config, dataset: Dataset, allow_change: bool) -> None:
@@ -193,7 +240,7 @@ def open_session(cfg: Config, dataset: Dataset):
     return ClusterSession(cfg, dataset)
 
 
-def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper) -> TrainResult:
+def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None) -> TrainResult:
     """Step to optim.steps, writing metrics, checkpoints, the model and a summary."""
     info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
     state = stepper.state_dict()
@@ -213,6 +260,10 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper) -> Tra
             if step % cfg.run.log_every == 0 or step == total:
                 metrics.write(json.dumps(_jsonable(last)) + "\n")
                 metrics.flush()
+                if tensorboard is not None:
+                    for key, value in last.items():
+                        if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
+                            tensorboard.add_scalar(key, float(value), step)
             bar.update(1)
             bar.set_postfix(J=f"{last['J']:.6g}")
             if every and step % every == 0:
@@ -251,8 +302,11 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = None) -> tuple[Evaluation, Config]:
     """Exact J, its terms and ∇J of a saved model over a dataset (hyperparameters from the model's config)."""
     model_obj, cfg = load_model(model)
-    cfg = cfg.with_overrides(list(overrides or []) + [f"data.path={data}"])
     dataset = Dataset.open(data)
+    # Noise belongs to training passes; evaluate reports the clean objective unless told otherwise.
+    # New raw data gets the training data's saved preprocessing.
+    inherit = inherited_transform(cfg.data.path, dataset)
+    cfg = cfg.with_overrides(["noise.kind=none"] + inherit + list(overrides or []) + [f"data.path={data}"])
     cfg = bind_dataset(cfg, dataset)
     theta = model_obj.theta.detach().numpy().copy()
     session = open_session(cfg, dataset)

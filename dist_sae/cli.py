@@ -14,7 +14,7 @@ import sys
 from .errors import DistSaeError
 
 # Command modules, in the order `--help` lists them.
-COMMAND_MODULES = ("train", "data")
+COMMAND_MODULES = ("train", "data", "report", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -204,6 +204,7 @@ class Trainer:
         for key in ("io_s", "compute_s", "pass1_s", "pass2_s", "workers"):
             if key in ev.stats:
                 out[key] = ev.stats[key]
+        out.setdefault("workers", 1)  # workers alive: evaluators that have several report stats["workers"]
         rho_target = dict(zip(sp.layers, sp.per_layer("rho"))) if sp.kind == "kl" else {}
         for layer, means in enumerate(ev.layer_means, start=1):
             q = self.obj.q_of_mean(means) if sp.kind == "kl" else means
