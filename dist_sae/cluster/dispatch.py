@@ -1,0 +1,171 @@
+"""On-demand dispatch of work units to workers: a pure policy over status records.
+
+Every worker keeps up to `depth` units in flight; whenever one finishes, it gets the next queued
+unit. So a fast (GPU) worker takes more units than a slow one, and no worker idles while another
+holds a long queue. With an affinity map (unit -> the worker that ran it last pass, whose block
+cache holds its rows), a worker first takes its own units, then any other queued unit: the cache
+is hit when the workers keep pace, and the balance is still on demand when they do not. The policy knows nothing of Ray: the evaluator feeds it events (a unit
+finished, a worker died) and asks it what to send where. A dead worker's units go back to the
+front of the queue, so every unit is still counted exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class UnitState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass
+class UnitStatus:
+    """Where one work unit stands within one pass."""
+
+    unit_id: int
+    state: UnitState = UnitState.QUEUED
+    worker: int | None = None  # index of the worker running (or that ran) it
+    attempts: int = 0  # times it was handed out
+
+
+@dataclass
+class WorkerStatus:
+    """One worker's share of a pass."""
+
+    index: int
+    alive: bool = True
+    in_flight: set[int] = field(default_factory=set)  # unit ids sent, not yet finished
+    done: int = 0  # units finished in this pass
+    failures: int = 0
+
+
+class Dispatcher:
+    """Hands out units on demand, `depth` in flight per live worker, lowest unit id first.
+
+    Args:
+        unit_ids: the units of the pass.
+        workers: the indices of the workers taking part.
+        depth: units in flight per worker (2: one computing, one being read ahead).
+        affinity: unit id -> preferred worker (e.g. the one that ran it last pass).
+    """
+
+    def __init__(self, unit_ids: list[int], workers: list[int], depth: int = 2, affinity: dict[int, int] | None = None) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+        self.units = {uid: UnitStatus(uid) for uid in unit_ids}
+        if len(self.units) != len(unit_ids):
+            raise ValueError("unit ids of a pass must be distinct")
+        self.workers = {w: WorkerStatus(w) for w in workers}
+        self.affinity = dict(affinity or {})
+        # Queues in unit order, with lazy deletion (an entry whose unit is no longer queued is
+        # skipped), so each hand-out costs O(1) amortised however many units there are.
+        order = sorted(unit_ids)
+        self.queue: deque[int] = deque(order)  # every queued unit
+        self._own: dict[int, deque[int]] = {w: deque() for w in workers}  # units a worker has affinity with
+        self._orphans: deque[int] = deque()  # units no live worker has affinity with
+        for uid in order:
+            self._home(uid).append(uid)
+
+    def _home(self, uid: int) -> deque[int]:
+        preferred = self.affinity.get(uid)
+        w = self.workers.get(preferred) if preferred is not None else None
+        return self._own[w.index] if w is not None and w.alive else self._orphans
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return all(u.state is UnitState.DONE for u in self.units.values())
+
+    @property
+    def live_workers(self) -> list[int]:
+        return [w.index for w in self.workers.values() if w.alive]
+
+    def counts(self) -> dict[int, int]:
+        """Units finished per worker in this pass."""
+        return {w.index: w.done for w in self.workers.values()}
+
+    # ---- policy --------------------------------------------------------------------------
+
+    def assign(self, below: int | None = None) -> list[tuple[int, int]]:
+        """The (worker, unit_id) pairs to send now, marked as running.
+
+        Round-robin over live workers with spare slots, so the first units of a pass are spread
+        over all workers; afterwards a slot frees when its unit finishes (on demand). A worker takes
+        the lowest queued unit it has affinity with, else the lowest queued unit no live worker has
+        affinity with, else the lowest queued unit (it helps a slower worker).
+
+        Args:
+            below: only hand out units with id < below (bounds how far ahead of an ordered consumer
+                the results may run).
+        """
+        out: list[tuple[int, int]] = []
+        progress = True
+        while progress:
+            progress = False
+            for w in self.workers.values():
+                if not (w.alive and len(w.in_flight) < self.depth):
+                    continue
+                uid = self._take(w.index, below)
+                if uid is None:
+                    continue
+                unit = self.units[uid]
+                unit.state, unit.worker = UnitState.RUNNING, w.index
+                unit.attempts += 1
+                w.in_flight.add(uid)
+                out.append((w.index, uid))
+                progress = True
+        return out
+
+    def _take(self, worker: int, below: int | None) -> int | None:
+        for q in (self._own[worker], self._orphans, self.queue):
+            while q and self.units[q[0]].state is not UnitState.QUEUED:
+                q.popleft()  # taken through another queue (lazy deletion)
+            if q and (below is None or q[0] < below):
+                return q.popleft()
+        return None
+
+    def complete(self, worker: int, unit_id: int) -> None:
+        """Record that `worker` finished `unit_id`.
+
+        Raises:
+            RuntimeError: the unit was not running on that worker (a second result for one unit).
+        """
+        unit = self.units[unit_id]
+        w = self.workers[worker]
+        if unit.state is not UnitState.RUNNING or unit.worker != worker or unit_id not in w.in_flight:
+            raise RuntimeError(f"work unit {unit_id} finished on worker {worker} but was {unit.state.value} on {unit.worker}")
+        unit.state = UnitState.DONE
+        w.in_flight.discard(unit_id)
+        w.done += 1
+
+    def worker_failed(self, worker: int) -> list[int]:
+        """Mark a worker dead and put its in-flight units back at the front of the queue.
+
+        Units it had affinity with become anyone's.
+
+        Returns:
+            The requeued unit ids (they will be handed to live workers by the next `assign`).
+        """
+        w = self.workers[worker]
+        w.alive = False
+        w.failures += 1
+        requeued = sorted(w.in_flight)
+        for uid in requeued:
+            unit = self.units[uid]
+            unit.state, unit.worker = UnitState.QUEUED, None
+        w.in_flight.clear()
+        orphans = sorted(set(self._orphans) | set(self._own[worker]) | set(requeued))
+        self._orphans = deque(orphans)
+        self._own[worker] = deque()
+        self.queue = deque(sorted(set(self.queue) | set(requeued)))
+        return requeued
+
+    def stalled(self) -> bool:
+        """True when units remain but no live worker can take them."""
+        return not self.done and not self.live_workers

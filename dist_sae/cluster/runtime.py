@@ -1,0 +1,171 @@
+"""Starting or joining Ray, and turning Ray's errors into the library's own at the boundary.
+
+Without an address, a private local Ray is started and bound to 127.0.0.1: nothing listens beyond
+the loopback interface. With `auto` or HOST:PORT (or inside a Ray job, where Ray sets RAY_ADDRESS),
+the running cluster is joined. Token authentication is Ray's own: a local Ray started here
+enables it by default (Ray >= 2.59) and keeps the token in ~/.ray/auth_token; a cluster started
+with RAY_AUTH_MODE=token is joined with the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from ..config import WorkersConfig
+from ..errors import ConfigError, DistSaeError, TrainingError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+ACTOR_PREFIX = "dist_sae"  # actor names: dist_sae.ParameterServer, dist_sae.worker-N
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within this block, Ray nodes started from this process bind every server to 127.0.0.1.
+
+    Ray replaces a node IP of 127.0.0.1 by the machine's routable address unless multi-machine
+    clusters are switched off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). With them off, the GCS,
+    raylet, object manager, agents and (through the raylet's environment) every worker listen on
+    127.0.0.1 only. Both the variable (for the processes started) and Ray's cached constant (for
+    this one) are set, and restored on exit: a started node keeps its own environment.
+    """
+    from ray._private import ray_constants
+
+    previous = os.environ.get(_LOOPBACK_ENV)
+    previous_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = previous
+        ray_constants.ENABLE_RAY_CLUSTER = previous_constant
+
+
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local(num_cpus: int | None = None, dashboard: bool = True, **init_kwargs: Any) -> None:
+    """Start a single-node Ray in this process, every server bound to 127.0.0.1.
+
+    Args:
+        num_cpus: CPUs the node advertises (default: the machine's).
+        dashboard: run the dashboard (and with it the state API behind `ray list actors`), on 127.0.0.1.
+        init_kwargs: passed on to ray.init (tests: _temp_dir, _system_config, ...).
+    """
+    init_kwargs.setdefault("log_to_driver", log.isEnabledFor(logging.INFO))
+    init_kwargs.setdefault("logging_level", logging.WARNING)
+    with loopback_only():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            _node_ip_address=LOOPBACK,
+            include_dashboard=dashboard,
+            dashboard_host=LOOPBACK,
+            **init_kwargs,
+        )
+
+
+def stop_local() -> None:
+    """Shut down the Ray this process started (or, joined to a cluster, disconnect from it)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def connect(workers: WorkersConfig, dashboard: bool = True, num_cpus: int | None = None) -> str:
+    """Make sure this process is connected to Ray.
+
+    Args:
+        workers: the config's workers section (address).
+        dashboard: with a new local Ray, start the dashboard (bound to 127.0.0.1), which also
+            serves `ray list actors`.
+        num_cpus: CPUs a new local Ray advertises (default: the machine's).
+
+    Returns:
+        "started": a new local Ray was started here (the caller ends it with stop_local);
+        "joined": this process connected to a running cluster (the caller disconnects);
+        "existing": this process was already connected (left as it is).
+
+    Raises:
+        ConfigError: the address cannot be reached, or refuses this client's token.
+    """
+    if ray.is_initialized():
+        return "existing"
+    address = workers.address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            log.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=log.isEnabledFor(logging.INFO), logging_level=logging.WARNING)
+            return "joined"
+        log.info("starting a local Ray bound to %s", LOOPBACK)
+        start_local(num_cpus=num_cpus, dashboard=dashboard)
+        return "started"
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"cannot join the Ray cluster at workers.address={address!r}: {exc}. Start it first (`ray start --head` "
+            "or `ray up cluster.yaml`), or leave --address out to start a local Ray"
+        ) from None
+    except ray.exceptions.AuthenticationError as exc:
+        raise ConfigError(
+            f"the Ray cluster at {address!r} refused this client's token ({exc}); give the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+        ) from None
+
+
+def run_namespace() -> str:
+    """A Ray namespace unique to one run, so two runs on one cluster do not clash over actor names."""
+    return f"{ACTOR_PREFIX}-{uuid.uuid4().hex[:10]}"
+
+
+def driver_node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def library_error(exc: BaseException, what: str) -> BaseException:
+    """The library exception for a Ray error raised while `what` ran.
+
+    A DistSaeError raised inside an actor comes back as itself (DataError stays DataError); an
+    actor that died or could not start becomes TrainingError (or the ConfigError its constructor
+    raised); anything else becomes TrainingError naming `what`.
+    """
+    cause: Any = exc
+    for _ in range(8):  # unwrap RayTaskError / ActorDiedError(cause=RayTaskError) chains
+        inner = getattr(cause, "cause", None)
+        if isinstance(cause, ray.exceptions.RayError) and isinstance(inner, BaseException):
+            cause = inner
+        else:
+            break
+    if isinstance(cause, DistSaeError):
+        return cause
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return TrainingError(f"{what}: a Ray actor died ({_first_line(cause)})")
+    if isinstance(exc, ray.exceptions.GetTimeoutError):
+        return TrainingError(f"{what}: timed out ({_first_line(exc)}); raise workers.unit_timeout_s if units are that slow")
+    return TrainingError(f"{what} failed: {type(cause).__name__}: {_first_line(cause)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def get(refs, what: str, timeout: float | None = None):
+    """ray.get with Ray errors converted to the library's (see library_error)."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayError as exc:
+        raise library_error(exc, what) from None

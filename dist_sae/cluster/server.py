@@ -1,0 +1,77 @@
+"""ParameterServer: owns θ and the optimizer state; the workers only ever see θ read-only.
+
+A plain class wrapping optim.Trainer over an engine.PassProblem whose evaluator is a RayEvaluator:
+each evaluation puts θ in the object store once, has the workers stream their units, adds their
+float64 partial sums in unit order, divides by m, adds weight decay, and the Trainer steps (L-BFGS
+full-batch, or Adam/SGD on minibatches with the exact ρ̂ refreshed by a distributed pass 1).
+The session makes it an actor pinned to the driver's node, so what it hands back stays local.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..config import from_dict
+from ..data import Dataset, WorkUnit
+from ..engine import PassProblem
+from ..optim import Trainer
+from .evaluator import RayEvaluator
+
+log = logging.getLogger(__name__)
+
+
+class ParameterServer:
+    """θ, the optimizer and the step loop of one run.
+
+    Args:
+        config: the run's config as a dict (model.visible set).
+        dataset_path: the dataset folder.
+        workers: Ray actor handles of the workers.
+        theta0: initial θ (P,) float64.
+        batches: minibatch work units (minibatch methods), each a list of parts.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        dataset_path: str,
+        workers: list[Any],
+        theta0: np.ndarray,
+        batches: list[list[WorkUnit]] | None = None,
+    ) -> None:
+        cfg = from_dict(config)
+        dataset = Dataset.open(dataset_path, verify_shards=False)
+        self.evaluator = RayEvaluator(cfg, dataset, workers)
+        self.problem = PassProblem(self.evaluator, cfg)
+        self.trainer = Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches)
+
+    def step(self) -> tuple[dict[str, Any], bool]:
+        """One optimizer step: (its metrics, converged)."""
+        metrics = self.trainer.step()
+        return metrics, self.trainer.converged
+
+    def converged(self) -> bool:
+        return self.trainer.converged
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        self.trainer.load_state_dict(state)
+        return self.trainer.converged
+
+    def theta(self) -> np.ndarray:
+        return self.trainer.theta.detach().numpy().copy()
+
+    def node_id(self) -> str | None:
+        """The Ray node the server runs on (the driver's, by the session's placement)."""
+        from .worker import _node_id
+
+        return _node_id()
+
+    def last_counts(self) -> dict[int, int]:
+        """Units each worker ran in the last pass."""
+        return dict(self.evaluator.last_counts)

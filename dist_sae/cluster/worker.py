@@ -1,0 +1,143 @@
+"""Worker: streams work units through an engine.PassRunner and returns float64 partial sums.
+
+A plain class. The session makes it a Ray actor with `max_concurrency=2`: while one call computes
+(under the compute lock; torch releases the GIL), the next call loads its unit (HDF5 or the
+runner's block cache), so reads overlap compute (read-ahead) without a thread of our own. The
+dispatcher sends a unit back to the worker that ran it before, so the cache is hit. Everything returned is numpy on the CPU,
+whatever device the worker computes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import from_dict
+from ..data import WorkUnit
+from ..engine import PassRunner, resolve_device
+from ..objective import Sums
+
+log = logging.getLogger(__name__)
+
+
+def worker_threads(compute_threads: int, cpus_per_worker: float) -> int:
+    """Torch intra-op threads of a worker: compute.threads, else its CPU share (at least 1)."""
+    return compute_threads or max(1, int(cpus_per_worker))
+
+
+def _node_id() -> str | None:
+    """The Ray node this runs on, or None outside Ray (the class is usable without it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+class Worker:
+    """One worker: θ in, per-unit float64 sums out.
+
+    Args:
+        config: the run's config as a dict (model.visible set).
+        dataset_path: the dataset folder; on a cluster it must be reachable from every node.
+        index: this worker's number (names it, orders nothing).
+        gpus: GPUs Ray assigned to this worker; > 0 (with compute.device auto) computes on cuda.
+        threads: torch intra-op threads (0: torch's default).
+        delay_s: test-only: sleep this long per unit, to simulate a slow worker.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        dataset_path: str,
+        index: int = 0,
+        gpus: float = 0.0,
+        threads: int = 0,
+        delay_s: float = 0.0,
+    ) -> None:
+        cfg = from_dict(config)
+        self.index = index
+        self.delay_s = delay_s
+        device = resolve_device(cfg.compute.device, gpus)
+        self.runner = PassRunner(cfg, dataset_path, device, threads)
+        self._compute = threading.Lock()  # one unit computes at a time; the other call reads
+        self._g_key: object = None
+
+    def info(self) -> dict[str, Any]:
+        """Where and how this worker computes (for logs, tests and `ray list actors`)."""
+        return {
+            "index": self.index,
+            "device": str(self.runner.device),
+            "threads": torch.get_num_threads(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "node_id": _node_id(),
+        }
+
+    def _set_theta(self, theta: np.ndarray, theta_key: object) -> None:
+        # θ arrives as a read-only view of the object store; it is only copied into the model.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.runner.set_theta(theta, theta_key)  # skipped when theta_key is the one loaded
+
+    def _load(self, theta_key: object, theta: np.ndarray, g_key: object, g: list[np.ndarray] | None) -> None:
+        self._set_theta(theta, theta_key)
+        if g_key is None or g_key != self._g_key:
+            self.runner.set_g(g)
+            self._g_key = g_key
+
+    def run(
+        self,
+        kind: str,
+        unit: WorkUnit,
+        theta_key: object,
+        theta: np.ndarray,
+        g_key: object = None,
+        g: list[np.ndarray] | None = None,
+    ) -> tuple[int, Sums, dict[str, float]]:
+        """Partial sums of one unit for pass1, pass2 or onepass.
+
+        Args:
+            unit: the rows to run.
+            theta_key: names θ; the model is reloaded only when it changes.
+            theta: θ (P,) float64 (Ray passes it from the object store, read-only).
+            g_key, g: names and holds the KL′ vectors of pass 2 (None otherwise).
+
+        Returns:
+            (unit id, float64 sums incl. "rows", {"read_s", "compute_s"}).
+        """
+        t0 = time.perf_counter()
+        # Outside the lock, so it overlaps the other call's compute: HDF5 (or the worker's block
+        # cache, data.cache_mb), data.transform, conversion to the compute dtype and device.
+        block = self.runner.load(unit)
+        t1 = time.perf_counter()
+        with self._compute:
+            t2 = time.perf_counter()
+            self._load(theta_key, theta, g_key, g)
+            sums = self.runner.compute(kind, unit, block)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            t3 = time.perf_counter()
+        return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
+
+    def transform(self, kind: str, unit: WorkUnit, theta_key: object, theta: np.ndarray, layer: int | None = None) -> tuple[int, np.ndarray]:
+        """Per-row outputs of one unit: `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
+        block = self.runner.load(unit)
+        with self._compute:
+            self._set_theta(theta, theta_key)
+            out = self.runner.transform(kind, block, layer)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+        return unit.id, out
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray per test module, bound to 127.0.0.1, stopped at the module's end.
+
+`ray.init` takes seconds, so the tests of a module share one session and only make (and kill)
+actors. Nothing here starts unless a test asks for `ray_session`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+# Logical CPUs of the test Ray: bookkeeping only (each worker runs one torch thread), enough for
+# the sessions a module keeps open at once.
+RAY_CPUS = 16
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A private local Ray for the module: loopback only, no dashboard, its own temp dir."""
+    ray = pytest.importorskip("ray")
+    from dist_sae.cluster import runtime
+
+    if ray.is_initialized():  # never share state across modules
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="dsae-ray-", dir="/tmp")  # short path: Ray puts sockets in it
+    runtime.start_local(
+        num_cpus=RAY_CPUS,
+        dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        configure_logging=False,
+        # Idle workers Ray starts ahead import the worker module (torch) before an actor needs one.
+        _system_config={"preload_python_modules": ["dist_sae.cluster.worker"]},
+    )
+    try:
+        yield ray
+    finally:
+        runtime.stop_local()
+        shutil.rmtree(temp_dir, ignore_errors=True)
