@@ -119,7 +119,8 @@ def transform_dataset(
             info["preprocessing"] = list(manifest.get("preprocessing", []))
         else:
             info["preprocessing"] = list(dataset.preprocessing)
-    # Keep the input's shard size, so shard i of the output holds the codes of shard i of the input.
+    # Rows keep their order; shards hold as many rows as the input's largest shard (so with uneven
+    # input shards, output shard boundaries need not match the input's).
     shard_rows = max(s.rows for s in dataset.shards)
     info["source"] = {
         "kind": kind,

@@ -160,6 +160,7 @@ class Trainer:
         if self.cfg.sparsity.rho_hat == "ema" and self.ema_means is not None:
             decay = self.cfg.sparsity.ema_decay
             self.ema_means = [decay * old + (1 - decay) * new for old, new in zip(self.ema_means, ev.layer_means)]
+            self.rho_step = self.step_count  # updated every step: the next step's ρ̂ is one step old
         self.theta.grad = torch.from_numpy(ev.grad.copy())
         self.optimizer.step()
         self.evaluations += 1
@@ -174,7 +175,11 @@ class Trainer:
         if self.cfg.optim.full_batch:
             before = self.theta.detach().clone()
             self.optimizer.step(self._closure)
-            ev = self.last
+            ev = self.last  # GD: at the θ the step started from
+            if self.cfg.optim.method == "lbfgs":
+                # Log J at the new θ: the line search's last point (a cache hit), or without a line
+                # search a fresh evaluation that the next step's first closure call reuses.
+                ev = self._evaluate_full(self.theta.detach().numpy())
             if torch.equal(before, self.theta.detach()):
                 self.converged = True  # L-BFGS met its tolerance: θ no longer moves
         else:
@@ -183,7 +188,8 @@ class Trainer:
         return self.metrics(ev, time.perf_counter() - t0, self.evaluations - evals_before)
 
     def metrics(self, ev: Evaluation, seconds: float, evaluations: int) -> dict[str, Any]:
-        """One metrics.jsonl line. `ev` is the evaluation at the step's starting θ (full or minibatch)."""
+        """One metrics.jsonl line from `ev`: for L-BFGS the exact evaluation at the step's new θ; for GD
+        at the θ the step started from; for Adam/SGD the minibatch evaluation the update used."""
         sp = self.cfg.sparsity
         full = self.cfg.optim.full_batch
         out: dict[str, Any] = {

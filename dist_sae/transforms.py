@@ -199,8 +199,11 @@ def fit_step(spec: StepSpec, sums_fn: SumsFn, pre: Transform) -> Step:
     c = sums_fn("cov", mean, pre)
     cov = c["outer"] / count  # population covariance, as the notes' sigma = x·xᵀ/m
     eigvals, eigvecs = _eigh_sorted(cov)
-    if spec.epsilon == 0 and eigvals.min() <= 1e-12 * max(eigvals.max(), 1e-300):
-        raise DataError(f"{spec.kind} whitening: the covariance is singular (smallest eigenvalue {eigvals.min():.3g}); give epsilon > 0")
+    # Whitening divides by √λ of the components it keeps (all for ZCA, the leading K for PCA), so
+    # only those must be non-zero; mean-free rows make the discarded last eigenvalue 0.
+    kept = eigvals[: spec.components or len(eigvals)] if spec.kind == "pca" else eigvals
+    if spec.epsilon == 0 and kept.min() <= 1e-12 * max(eigvals.max(), 1e-300):
+        raise DataError(f"{spec.kind} whitening: the covariance is singular (smallest kept eigenvalue {kept.min():.3g}); give epsilon > 0")
     info = {"epsilon": spec.epsilon, "eigval_max": float(eigvals[0]), "eigval_min": float(eigvals[-1])}
     if spec.kind == "pca":
         k = spec.components or len(eigvals)

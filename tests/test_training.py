@@ -171,3 +171,21 @@ def test_evaluate_applies_the_training_datas_saved_preprocessing_to_raw_data(tmp
     assert on_raw.loss == pytest.approx(on_std.loss, rel=1e-9)
     as_stored, _ = evaluate(tmp_path / "run", tmp_path / "raw", ["workers.engine=local", "data.transform="])
     assert as_stored.loss > 10 * on_std.loss  # without it, the raw scales wreck the reconstruction
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "none"])
+def test_lbfgs_metrics_report_j_at_the_new_theta(tmp_path, line_search):
+    from dist_sae.api import evaluate
+
+    make_dataset(tmp_path / "d", random_rows(60, 5, seed=3), shard_rows=60)
+    cfg = config(tmp_path / "d", run__out=str(tmp_path / "r"), model__hidden=[3], optim__steps=6,
+                 optim__line_search=line_search, optim__lr=0.5 if line_search == "none" else 1.0, optim__tolerance_change=0)
+    result = train(cfg)
+    final, _ = evaluate(tmp_path / "r", tmp_path / "d", ["workers.engine=local"])
+    assert result.final["J"] == pytest.approx(final.loss, rel=1e-12)  # the saved model's J
+
+
+def test_ema_rho_hat_is_never_stale(dataset):
+    path, _ = dataset
+    trainer, _ = _trainer(path, sparsity__rho_hat="ema")
+    assert [trainer.step()["rho_hat_staleness"] for _ in range(4)] == [0, 0, 0, 0]

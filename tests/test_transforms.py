@@ -160,3 +160,18 @@ def test_ray_statistics_equal_local_bit_for_bit(sharded, tmp_path, ray_session):
     built = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "built", shard_rows=700, preprocessing=[StepSpec("zca", 0.0)], stats=ray_sums_fn)
     np.testing.assert_allclose(read_all(built.path), numpy_zca(x, 0.0), atol=1e-10)
     assert not (tmp_path / "built.staging").exists()
+
+
+def test_pca_keeps_k_components_of_mean_free_rows_without_epsilon(tmp_path):
+    """Notes-normalised rows are mean-free, so the covariance has a zero eigenvalue; PCA that keeps
+    only the leading components never divides by it and must not call the covariance singular."""
+    from dist_sae.prep import build_from_npy
+    from dist_sae.transforms import StepSpec
+
+    x = np.random.default_rng(0).normal(size=(300, 6)) * np.array([3.0, 2.0, 1.5, 1.0, 0.5, 0.2])
+    x -= x.mean(axis=1, keepdims=True)  # every row sums to 0: one zero eigenvalue
+    np.save(tmp_path / "x.npy", x)
+    ds = build_from_npy(tmp_path / "x.npy", tmp_path / "p", preprocessing=[StepSpec("pca", components=3)])
+    assert ds.dim == 3
+    with pytest.raises(DataError, match="singular"):
+        build_from_npy(tmp_path / "x.npy", tmp_path / "z", preprocessing=[StepSpec("zca")])
