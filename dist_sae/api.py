@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +22,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINTS, latest_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINTS, latest_checkpoint, list_checkpoints, save_checkpoint, step_or_roll_back
 from .config import Config, load_config
 from .data import Dataset
 from .engine import bind_dataset, inherited_transform, local_problem, minibatches
-from .errors import CheckpointError, ConfigError, DistSaeError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, DistSaeError, Interrupted
 from .model import CONFIG_FILE, MODEL_FILE, SparseAutoencoder, load_model, load_weights_into, save_model
 from .objective import Evaluation
 from .optim import Trainer
@@ -33,7 +36,11 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "run.json"
 # Config keys a resumed run may change freely: they do not change the maths of the run.
-RESUMABLE_CHANGES = ("optim.steps", "run.", "workers.", "data.prefetch", "data.path", "compute.threads")
+# run.seed is not among them: it sets the batch order and the noise.
+RESUMABLE_CHANGES = (
+    "optim.steps", "workers.", "data.prefetch", "data.path", "data.cache_mb", "compute.threads",
+    "run.out", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.quiet", "run.tensorboard", "run.report",
+)
 
 
 class Stepper(Protocol):
@@ -76,20 +83,92 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def _holds_run(run_dir: Path) -> bool:
+    """A model, a checkpoint or a metrics line: a folder with only config.json never made a step."""
+    if not run_dir.is_dir():
+        return False
+    metrics = run_dir / METRICS_FILE
+    checkpoints = run_dir / CHECKPOINTS
+    return (
+        (run_dir / MODEL_FILE).exists()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or (metrics.is_file() and metrics.stat().st_size > 0)
+    )
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; changes nothing (prepare_run_dir does, later).
+
+    Raises:
+        CheckpointError: naming the folder and the flag to pass.
+    """
+    holds_run = _holds_run(run_dir)
+    if resume and not holds_run:
+        raise CheckpointError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
+    if not resume and holds_run and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run dir; refuse to mix two runs in one folder."""
-    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, MODEL_FILE))
-    if resume:
-        if not holds_run:
-            raise CheckpointError(f"--resume: {run_dir} holds no run to resume")
-        return
-    if holds_run:
-        if not overwrite:
-            raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    """Create the run dir; refuse to mix two runs in one folder (with --overwrite, clear the old run)."""
+    check_run_dir(run_dir, resume, overwrite)
+    if not resume:
         for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, MODEL_FILE, SUMMARY_FILE, "report"):
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metrics lines of steps <= `step` (a resumed run writes the later ones again).
+
+    A line cut short by a kill is dropped too. The file is replaced atomically.
+
+    Returns:
+        The number of lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            line_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if line_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    return dropped
+
+
+def resume_config(run_dir: str | Path, config: str | None = None, overrides: list[str] | None = None, **set_keys: Any) -> Config:
+    """The config of `train --resume RUN_DIR`: the run's saved config.json (or `config`), then overrides.
+
+    Raises:
+        CheckpointError: the folder holds no run; DataError: the saved data folder is gone.
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / CONFIG_FILE
+    if config is None and not saved.is_file():
+        raise CheckpointError(f"--resume: {run_dir} holds no run to resume (it has no {CONFIG_FILE})")
+    set_keys = {**set_keys, "run.out": str(run_dir)}
+    cfg = config_from_args(str(config or saved), list(overrides or []), **set_keys)
+    data_given = set_keys.get("data.path") is not None or any(o.startswith("data.path=") for o in overrides or [])
+    if config is None and not data_given and cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise DataError(
+            f"the run's data folder {cfg.data.path} (data.path in {saved}) does not exist; give --data DIR "
+            "(the same data; other data needs --allow-change)"
+        )
+    return cfg
 
 
 def initial_theta(cfg: Config, init: str | Path | None) -> np.ndarray:
@@ -150,24 +229,33 @@ def train(
     dataset = Dataset.open(cfg.data.path)
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
+    # Everything a user can get wrong is checked before the run dir is touched: nothing of an
+    # existing run is overwritten by a run that cannot start.
+    check_run_dir(run_dir, resume, overwrite)
     checkpoint = None
     if resume:
-        prepare_run_dir(run_dir, resume=True, overwrite=False)
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            raise CheckpointError(f"--resume: {run_dir} has no valid checkpoint")
+            raise CheckpointError(
+                f"--resume: {run_dir} has no valid checkpoint (the run stopped before its first one); "
+                "start it again with --overwrite"
+            )
         _check_resume(checkpoint[1], cfg, dataset, allow_change)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    cfg.save(run_dir / CONFIG_FILE)
-    tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
+    theta0 = initial_theta(cfg, init)
     session = open_session(cfg, dataset)
+    tensorboard = None
     try:
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        cfg.save(run_dir / CONFIG_FILE)
+        tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
         if hasattr(session.problem.evaluator, "progress"):
             session.problem.evaluator.progress = pass_progress(cfg)
-        stepper = session.stepper(initial_theta(cfg, init))
+        stepper = session.stepper(theta0)
         if checkpoint is not None:
             stepper.load_state_dict(checkpoint[0])
-            log.info("resumed %s at step %d", run_dir, checkpoint[0]["meta"]["step"])
+            step = int(checkpoint[0]["meta"]["step"])
+            dropped = truncate_metrics(run_dir / METRICS_FILE, step)
+            log.info("resumed %s at step %d (%d metrics lines after it dropped)", run_dir, step, dropped)
         result = _loop(cfg, dataset, run_dir, stepper, tensorboard)
         if cfg.run.report:
             _write_report(run_dir, session.problem)
@@ -213,6 +301,32 @@ def _check_resume(info: dict[str, Any], cfg: Config, dataset: Dataset, allow_cha
         )
 
 
+class LocalStepper:
+    """A Trainer whose steps are all or nothing (checkpoint.step_or_roll_back), like the remote one's.
+
+    Anything else (theta, epoch, ...) is the trainer's.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def converged(self) -> bool:
+        return self.trainer.converged
+
+    def step(self) -> dict[str, Any]:
+        return step_or_roll_back(self.trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.trainer, name)
+
+
 class LocalSession:
     """Passes in this process. Sessions give `problem` (exact evaluations) and `stepper(theta0)`."""
 
@@ -222,10 +336,10 @@ class LocalSession:
         self.cfg, self.dataset = cfg, dataset
         self.problem = local_problem(cfg, dataset)
 
-    def stepper(self, theta0: np.ndarray) -> Trainer:
+    def stepper(self, theta0: np.ndarray) -> LocalStepper:
         parts = self.cfg.optim.batch_parts or self.num_workers
         batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
-        return Trainer(self.cfg, self.problem, theta0, batches)
+        return LocalStepper(Trainer(self.cfg, self.problem, theta0, batches))
 
     def close(self) -> None:
         self.problem.evaluator.close()
@@ -240,51 +354,128 @@ def open_session(cfg: Config, dataset: Dataset):
     return ClusterSession(cfg, dataset)
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) while training: finish the current step, checkpoint, then stop (a clean stop).
+
+    A second Ctrl-C stops at once; the stepper rolls its unfinished step back, so the last
+    completed step is still checkpointed. Only the main thread can take signals: elsewhere (a
+    notebook's worker thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None) -> TrainResult:
-    """Step to optim.steps, writing metrics, checkpoints, the model and a summary."""
+    """Step to optim.steps, writing metrics, checkpoints, the model and a summary.
+
+    Checkpoints every run.checkpoint_every steps, at the end, and when the run stops early: on a
+    failed step (the stepper rolled it back, so the last completed step is saved) and on Ctrl-C.
+
+    Raises:
+        DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
+        errors.Interrupted: on Ctrl-C, after the checkpoint.
+    """
     info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
     state = stepper.state_dict()
     start = int(state["meta"]["step"])
     total = cfg.optim.steps
     every = cfg.run.checkpoint_every
+    resume_hint = f"continue with `dist-sae train --resume {run_dir}`"
+    existing = [p for p in list_checkpoints(run_dir) if p.name == f"step-{start:08d}"]
+    saved: dict[str, Any] = {"step": start if existing else None, "path": existing[0] if existing else None}
+
+    def save(state: dict[str, Any] | None = None) -> None:
+        state = stepper.state_dict() if state is None else state
+        saved["path"] = save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
+        saved["step"] = int(state["meta"]["step"])
+
+    def kept() -> str:
+        if saved["path"] is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {saved['path']} (step {saved['step']}) is kept"
+
+    def hint() -> str:
+        if saved["path"] is None:
+            return "fix the cause and start the run again (it made no checkpoint to resume from)"
+        return f"fix the cause, then {resume_hint}"
+
+    def save_after_failure() -> str:
+        """Checkpoint the last completed step if no checkpoint holds it yet; say what is kept."""
+        try:
+            state = stepper.state_dict()  # the failed step was rolled back
+            done = int(state["meta"]["step"])
+            if done > start and done != saved["step"]:
+                save(state)
+                return f"the last completed step {done} is checkpointed in {saved['path']}"
+        except DistSaeError as exc:  # e.g. the disk is full, or the parameter server is gone
+            log.warning("no checkpoint after the failure: %s", exc)
+        return kept()
+
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
-    with open(run_dir / METRICS_FILE, "a") as metrics, _progress(cfg, total, start) as bar:
-        step = start
-        while step < total and not stepper.converged:
-            try:
-                last = stepper.step()
-            except TrainingError as exc:
-                raise TrainingError(f"{exc}. The last good checkpoint in {run_dir / CHECKPOINTS} is kept") from None
-            step = last["step"]
-            if step % cfg.run.log_every == 0 or step == total:
-                metrics.write(json.dumps(_jsonable(last)) + "\n")
-                metrics.flush()
-                if tensorboard is not None:
-                    for key, value in last.items():
-                        if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
-                            tensorboard.add_scalar(key, float(value), step)
-            bar.update(1)
-            bar.set_postfix(J=f"{last['J']:.6g}")
-            if every and step % every == 0:
-                save_checkpoint(run_dir, stepper.state_dict(), info, cfg.run.keep_checkpoints)
-    state = stepper.state_dict()
-    if every == 0 or state["meta"]["step"] % every != 0 or state["meta"]["step"] == start:
-        save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
-    theta = state["theta"].numpy()
-    model = SparseAutoencoder.from_config(cfg)
-    save_model(model, run_dir, cfg, torch.from_numpy(theta))
-    seconds = time.perf_counter() - t0
-    summary = {
-        "steps": int(state["meta"]["step"]),
-        "converged": bool(stepper.converged),
-        "seconds": seconds,
-        "engine": cfg.workers.engine,
-        "method": cfg.optim.method,
-        "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
-        "final": _jsonable(last),
-    }
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        with open(run_dir / METRICS_FILE, "a") as metrics, _progress(cfg, total, start) as bar, _StopRequest() as stop:
+            step = start
+            while step < total and not stepper.converged:
+                try:
+                    last = stepper.step()
+                except DistSaeError as exc:
+                    raise type(exc)(f"{exc}. Stopped at step {step + 1}: {save_after_failure()}; {hint()}") from None
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted during step {step + 1}: {save_after_failure()}; {hint()}") from None
+                step = last["step"]
+                if step % cfg.run.log_every == 0 or step == total:
+                    metrics.write(json.dumps(_jsonable(last)) + "\n")
+                    metrics.flush()
+                    if tensorboard is not None:
+                        for key, value in last.items():
+                            if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
+                                tensorboard.add_scalar(key, float(value), step)
+                bar.update(1)
+                bar.set_postfix(J=f"{last['J']:.6g}")
+                if every and step % every == 0:
+                    save()
+                if stop.requested and step < total:
+                    if saved["step"] != step:
+                        save()
+                    raise Interrupted(f"stopped at step {step} on Ctrl-C: checkpoint {saved['path']} written; {resume_hint}")
+        state = stepper.state_dict()
+        if saved["step"] != int(state["meta"]["step"]):
+            save(state)
+        theta = state["theta"].numpy()
+        model = SparseAutoencoder.from_config(cfg)
+        save_model(model, run_dir, cfg, torch.from_numpy(theta))
+        seconds = time.perf_counter() - t0
+        summary = {
+            "steps": int(state["meta"]["step"]),
+            "converged": bool(stepper.converged),
+            "seconds": seconds,
+            "engine": cfg.workers.engine,
+            "method": cfg.optim.method,
+            "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
+            "final": _jsonable(last),
+        }
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:  # metrics, model or summary: the disk is full or gone
+        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}); {kept()}. Free disk space, then {resume_hint}") from None
     return TrainResult(run_dir, summary["steps"], last, seconds, theta)
 
 

@@ -6,7 +6,11 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
                         torch.load(weights_only=True), which never unpickles arbitrary objects
     state.json          step, epoch, data position, dataset fingerprint, config
 It is written into `step-NNNNNNNN.tmp/`, every file fsynced, then renamed into place, so a kill
-during the write leaves the previous checkpoint the newest valid one.
+during the write leaves the previous checkpoint the newest valid one. Only safetensors, JSON and
+tensors-only torch files are ever read back: nothing is unpickled.
+
+`step_or_roll_back` makes a trainer step all-or-nothing, so that after a failed or interrupted
+step the trainer's state is the last completed step's and can still be checkpointed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "state.json"  # written last: a folder without it is not a checkpoint
+_UNFINISHED = (".tmp", ".old")  # being written / being replaced: never loaded
 
 
 def _fsync_path(path: Path) -> None:
@@ -60,10 +65,13 @@ def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: di
         for file in tmp.iterdir():
             _fsync_path(file)
         _before_rename_hook(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f"step-{step:08d}.old"
+        if final.exists():  # rewriting a step: move the old copy aside first, so one is valid throughout
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
         _fsync_path(root)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -84,7 +92,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file())
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(_UNFINISHED) and (p / COMPLETE).is_file())
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,3 +115,44 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, An
         except CheckpointError as exc:
             log.warning("skipping damaged checkpoint: %s", exc)
     return None
+
+
+class _Steppable(Protocol):
+    def step(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def snapshot_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a Trainer.state_dict() that the trainer's later steps cannot change.
+
+    Containers are copied, tensors held directly in a dict are cloned (optimizers update those in
+    place: θ, Adam's moments, L-BFGS's direction and previous gradient); tensors inside lists are
+    shared, because optimizers replace list entries rather than change them (L-BFGS's history
+    appends new tensors and drops old ones), so the copy costs O(P), not O(history × P).
+    """
+
+    def copy(value: Any, in_list: bool = False) -> Any:
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v, in_list=True) for v in value)
+        if isinstance(value, torch.Tensor) and not in_list:
+            return value.detach().clone()
+        return value
+
+    return copy(state)
+
+
+def step_or_roll_back(trainer: _Steppable) -> dict[str, Any]:
+    """trainer.step(), all or nothing: if it raises (or is interrupted), the trainer is put back.
+
+    A failed L-BFGS step leaves θ at a line-search trial point and the history half updated; after
+    the roll-back, trainer.state_dict() is the last completed step's again and can be saved.
+    """
+    before = snapshot_state(trainer.state_dict())
+    try:
+        return trainer.step()
+    except BaseException:
+        trainer.load_state_dict(before)
+        raise

@@ -14,7 +14,7 @@ import sys
 from .errors import DistSaeError
 
 # Command modules, in the order `--help` lists them.
-COMMAND_MODULES = ("train", "data", "report", "compare")
+COMMAND_MODULES = ("train", "data", "report", "compare", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # errors.Interrupted says where it stopped and how to resume
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
 
 

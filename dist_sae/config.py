@@ -249,6 +249,10 @@ class Config(Section):
         if sp.kind == "topk":
             if sp.k < 1:
                 raise ValueError("sparsity.kind=topk needs sparsity.k >= 1")
+            if m.activation not in ("linear", "relu"):
+                # The unselected units get pre-activation 0, and f(0) is 0 only for linear and relu
+                # (sigmoid(0) = 0.5 would make every "inactive" unit half on).
+                raise ValueError(f"sparsity.kind=topk needs model.activation=linear or relu, got {m.activation}")
             for layer in sp.layers:
                 if sp.k > m.hidden[layer - 1]:
                     raise ValueError(f"sparsity.k={sp.k} exceeds the {m.hidden[layer - 1]} units of encoder layer {layer}")

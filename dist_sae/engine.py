@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import BlockReader, Dataset, WorkUnit, prefetch
+from .data import PASS_MIN_UNITS, BlockReader, Dataset, WorkUnit, prefetch
 from .errors import ConfigError, DataError, TrainingError
 from .model import SparseAutoencoder
 from .objective import (
@@ -28,6 +29,7 @@ from .objective import (
     OrderedReducer,
     Sums,
     SparsityState,
+    data_block_sums,
     finalize,
     onepass_block,
     pass1_block,
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PASS_KINDS = ("pass1", "pass2", "onepass")
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any PassRunner changes it
 
 
 def resolve_device(requested: str, gpus_assigned: float = 0.0) -> torch.device:
@@ -131,6 +134,10 @@ class PassRunner:
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}  # (shard, start, stop) -> block
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        self._pool: list[torch.Tensor] = []  # buffers of streamed blocks, for reuse (see load)
+        self._streamed: set[int] = set()  # data_ptr of streamed blocks handed out by load
+        self.recycle = False  # set by callers that `release` every block they load (LocalEvaluator)
+        self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
         self.noise = cfg.noise
@@ -152,12 +159,15 @@ class PassRunner:
         self.g = consts[:n_kl] or None
         self.dead = consts[n_kl].bool() if len(consts) > n_kl else None
 
-    def to_device(self, block: np.ndarray) -> torch.Tensor:
+    def to_device(self, block: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (B, n) as a compute-dtype tensor on the device; on the CPU, into `out` when it fits."""
         if self.input_transform is not None:
             block = self.input_transform.apply(block)
         x = torch.from_numpy(block)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        if out is not None and out.shape == x.shape:
+            return out.copy_(x)
         return x.to(self.dtype)
 
     def load(self, unit: WorkUnit) -> torch.Tensor:
@@ -170,13 +180,30 @@ class PassRunner:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        x = self.to_device(self.reader.read(unit))
-        size = x.element_size() * x.nelement()
+        rows = self.reader.read(unit)
+        dim = rows.shape[1] if self.input_transform is None else self.input_transform.out_dim(rows.shape[1])
+        size = rows.shape[0] * dim * self.dtype.itemsize
         with self._cache_lock:
-            if key not in self._cache and self._cache_bytes + size <= self.cache_budget:
-                self._cache[key] = x
+            keep = key not in self._cache and self._cache_bytes + size <= self.cache_budget
+            if keep:
                 self._cache_bytes += size
+            # A streamed block goes into a recycled buffer: fresh multi-MB tensors every block let
+            # glibc's heap fragment and RSS creep up with the data size (+26-43% at 16x the rows).
+            buffer = None if keep or not self._pool else self._pool.pop()  # (empty unless recycle is on)
+        x = self.to_device(rows, buffer)
+        if keep:
+            with self._cache_lock:
+                self._cache[key] = x
+        elif self.recycle and self.device.type == "cpu" and x.data_ptr() != rows.ctypes.data:  # its own memory
+            self._streamed.add(x.data_ptr())
         return x
+
+    def release(self, x: torch.Tensor) -> None:
+        """Hand back a block from `load` once its compute is done: a streamed block's buffer is reused."""
+        with self._cache_lock:
+            if x.data_ptr() in self._streamed and len(self._pool) < 4:
+                self._streamed.discard(x.data_ptr())
+                self._pool.append(x)
 
     def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
         """The denoising input for a unit's rows, or None without noise.
@@ -200,10 +227,20 @@ class PassRunner:
         if kind == "pass1":
             return pass1_block(self.model, x if x_in is None else x_in)
         if kind == "pass2":
-            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead)
+            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x))
         if kind == "onepass":
-            return onepass_block(self.model, self.obj, x, x_in)
+            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x))
         raise ValueError(f"unknown pass {kind!r}")
+
+    def data_sums(self, unit: WorkUnit, x: torch.Tensor) -> Sums:
+        """The unit's Σx and Σ‖x‖² (for the FVU); they do not depend on θ, so they are kept with cached blocks."""
+        key = (unit.shard, unit.start, unit.stop)
+        sums = self._data_sums.get(key)
+        if sums is None:
+            sums = data_block_sums(x)
+            if key in self._cache:  # bounded by data.cache_mb like the blocks themselves
+                self._data_sums[key] = sums
+        return sums
 
     @torch.no_grad()
     def transform(self, kind: str, block: np.ndarray | torch.Tensor, layer: int | None = None) -> np.ndarray:
@@ -223,6 +260,9 @@ class PassRunner:
     def close(self) -> None:
         self.reader.close()
         self._cache.clear()
+        self._data_sums.clear()
+        self._pool.clear()
+        self._streamed.clear()
 
 
 class Evaluator(Protocol):
@@ -241,8 +281,9 @@ class LocalEvaluator:
 
     def __init__(self, runner: PassRunner, block_rows: int, prefetch_depth: int = 2) -> None:
         self.runner = runner
+        self.runner.recycle = True  # every block run() and map_units() load is released after use
         self.prefetch_depth = prefetch_depth
-        self.units = runner.dataset.units(block_rows)
+        self.units = runner.dataset.units(block_rows, min_units=PASS_MIN_UNITS)  # cut as RayEvaluator cuts
         self.rows = runner.dataset.rows
         self._version = 0
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
@@ -260,6 +301,7 @@ class LocalEvaluator:
             got = time.perf_counter()
             io_s += got - mark
             reducer.add(unit.id, self.runner.compute(kind, unit, block))
+            self.runner.release(block)
             mark = time.perf_counter()
             compute_s += mark - got
             if bar is not None:
@@ -273,7 +315,9 @@ class LocalEvaluator:
         self._version += 1
         self.runner.set_theta(theta, ("local", self._version))
         for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
-            yield unit, self.runner.transform(kind, block, layer)
+            out = self.runner.transform(kind, block, layer)
+            self.runner.release(block)
+            yield unit, out
 
     def close(self) -> None:
         self._reads.shutdown(wait=True)
@@ -363,7 +407,28 @@ def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[Work
     return batches
 
 
+def local_threads(requested: int) -> int:
+    """Torch threads of the single-process engine: compute.threads, else the cores other processes leave idle.
+
+    With compute.threads=0 this is torch's default (all cores) on an idle machine, and fewer as the
+    1-minute load average rises: intra-op threads that must share their cores with other busy
+    processes spin-wait on each other (OpenMP): on a busy 2-core machine 2 threads measured up to
+    40× slower than 1 (docs/performance.md), where on a quiet one they are 1.6× faster.
+    """
+    if requested > 0:
+        return requested
+    cores = TORCH_DEFAULT_THREADS
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # no load average on this platform: keep torch's default
+        return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
 def local_problem(cfg: Config, dataset: Dataset) -> PassProblem:
     """A PassProblem over a LocalEvaluator in this process."""
-    runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), cfg.compute.threads)
+    threads = local_threads(cfg.compute.threads)
+    if threads != torch.get_num_threads():
+        log.info("single-process engine: %d torch thread(s) (compute.threads=%d)", threads, cfg.compute.threads)
+    runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads)
     return PassProblem(LocalEvaluator(runner, cfg.data.block_rows, cfg.data.prefetch), cfg)

@@ -27,3 +27,10 @@ class CheckpointError(DistSaeError):
 
 class TrainingError(DistSaeError):
     """Training cannot go on (non-finite values, too many failed workers, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C/SIGINT after checkpointing; the message says where and how to resume.
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C still stops; the CLI exits with 130.
+    """

@@ -40,7 +40,7 @@ def test_saved_config_round_trips(tmp_path):
         (["sparsity.bogus=1"], "unknown config key 'sparsity.bogus'"),
         (["nothing.here=1"], "unknown config key 'nothing.here'"),
         (["model.activation=relu"], "use sparsity.kind=l1 or sparsity.kind=topk"),
-        (["sparsity.kind=topk", "sparsity.k=30"], "sparsity.k=30 exceeds the 25 units"),
+        (["sparsity.kind=topk", "sparsity.k=30", "model.activation=linear"], "sparsity.k=30 exceeds the 25 units"),
         (["sparsity.layers=[2]"], "sparsity.layers [2] out of range"),
         (["sparsity.passes=1", "model.hidden=[4,2]", "sparsity.layers=[2]"], "sparsity.passes=1"),
         (["optim.method=newton"], "optim.method"),

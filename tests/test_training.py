@@ -117,6 +117,15 @@ def test_resume_reaches_the_same_parameters(tmp_path, method):
     np.testing.assert_allclose(resumed.theta, full.theta, rtol=1e-10, atol=1e-13)
 
 
+def test_resume_refuses_a_changed_seed(tmp_path):
+    from dist_sae.api import config_changes
+
+    base = config(None).model_dump()
+    changed = config(None, run__seed=7).model_dump()
+    assert config_changes(base, changed) == ["run.seed: 0 -> 7"]
+    assert config_changes(base, config(None, run__quiet=False, run__checkpoint_every=9).model_dump()) == []
+
+
 def test_resume_refuses_other_data_or_changed_maths(tmp_path):
     make_dataset(tmp_path / "d", random_rows(40, 4, seed=1), shard_rows=40)
     make_dataset(tmp_path / "e", random_rows(40, 4, seed=2), shard_rows=40)

@@ -160,10 +160,11 @@ def test_decoder_norm_keeps_unit_columns_after_save(tmp_path, data):
     "overrides, needle",
     [
         (["model.activation=relu"], "use sparsity.kind=l1 or sparsity.kind=topk"),
-        (["sparsity.kind=topk", "sparsity.k=26"], "exceeds the 25 units"),
-        (["sparsity.kind=topk"], "needs sparsity.k >= 1"),
+        (["sparsity.kind=topk", "sparsity.k=26", "model.activation=relu"], "exceeds the 25 units"),
+        (["sparsity.kind=topk", "model.activation=relu"], "needs sparsity.k >= 1"),
+        (["sparsity.kind=topk", "sparsity.k=3"], "needs model.activation=linear or relu, got sigmoid"),
         (["sparsity.auxk=4"], "sparsity.auxk needs sparsity.kind=topk"),
-        (["sparsity.kind=topk", "sparsity.k=3", "sparsity.auxk=4"], "model.output=linear"),
+        (["sparsity.kind=topk", "sparsity.k=3", "sparsity.auxk=4", "model.activation=relu"], "model.output=linear"),
         (["loss.weight_decay=[1, 2, 3]"], "2 weight matrices"),
     ],
 )

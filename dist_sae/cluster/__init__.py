@@ -1,12 +1,13 @@
 """The Ray layer (SPEC §4): the only package in dist_sae that imports ray.
 
     runtime     start a local Ray bound to 127.0.0.1, or join a running cluster
-    dispatch    on-demand work-unit dispatch: a pure policy over status records (no Ray)
+    dispatch    on-demand work-unit dispatch and FailurePolicy: pure policies over status records (no Ray)
     worker      Worker: a plain class that streams units through an engine.PassRunner
-    evaluator   RayEvaluator: runs a pass over the workers, reduced in unit order
+    launcher    WorkerLauncher: starts worker actors, and replacements for dead ones
+    evaluator   RayEvaluator: runs a pass over the workers, reduced in unit order, surviving worker failures
     server      ParameterServer: a plain class owning θ and the optimizer (optim.Trainer)
     session     ClusterSession: composes the above into actors; what api.py uses
 
-Workers and the server are plain classes, made remote only in `session`, so they can be tested
-without Ray.
+Workers and the server are plain classes, made remote only in `launcher` and `session`, so they
+can be tested without Ray.
 """

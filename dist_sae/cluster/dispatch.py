@@ -7,11 +7,18 @@ cache holds its rows), a worker first takes its own units, then any other queued
 is hit when the workers keep pace, and the balance is still on demand when they do not. The policy knows nothing of Ray: the evaluator feeds it events (a unit
 finished, a worker died) and asks it what to send where. A dead worker's units go back to the
 front of the queue, so every unit is still counted exactly once.
+
+FailurePolicy decides what a failure means for the run, from the same status records: a worker
+whose unit has not finished within `unit_timeout_s` of its last progress is hung (treated as
+dead); a dead worker's units are requeued, and it is replaced while the run's failures stay
+within `max_restarts`; past that, the run gives up (and stops with a checkpoint).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -41,6 +48,7 @@ class WorkerStatus:
     in_flight: set[int] = field(default_factory=set)  # unit ids sent, not yet finished
     done: int = 0  # units finished in this pass
     failures: int = 0
+    busy_since: float | None = None  # monotonic time of its last progress while it has units in flight
 
 
 class Dispatcher:
@@ -92,7 +100,7 @@ class Dispatcher:
 
     # ---- policy --------------------------------------------------------------------------
 
-    def assign(self, below: int | None = None) -> list[tuple[int, int]]:
+    def assign(self, below: int | None = None, now: float | None = None) -> list[tuple[int, int]]:
         """The (worker, unit_id) pairs to send now, marked as running.
 
         Round-robin over live workers with spare slots, so the first units of a pass are spread
@@ -103,7 +111,9 @@ class Dispatcher:
         Args:
             below: only hand out units with id < below (bounds how far ahead of an ordered consumer
                 the results may run).
+            now: monotonic time (default: time.monotonic()); starts a worker's hang clock.
         """
+        now = time.monotonic() if now is None else now
         out: list[tuple[int, int]] = []
         progress = True
         while progress:
@@ -117,6 +127,8 @@ class Dispatcher:
                 unit = self.units[uid]
                 unit.state, unit.worker = UnitState.RUNNING, w.index
                 unit.attempts += 1
+                if not w.in_flight:
+                    w.busy_since = now
                 w.in_flight.add(uid)
                 out.append((w.index, uid))
                 progress = True
@@ -130,8 +142,8 @@ class Dispatcher:
                 return q.popleft()
         return None
 
-    def complete(self, worker: int, unit_id: int) -> None:
-        """Record that `worker` finished `unit_id`.
+    def complete(self, worker: int, unit_id: int, now: float | None = None) -> None:
+        """Record that `worker` finished `unit_id` (at monotonic time `now`: its last progress).
 
         Raises:
             RuntimeError: the unit was not running on that worker (a second result for one unit).
@@ -143,6 +155,7 @@ class Dispatcher:
         unit.state = UnitState.DONE
         w.in_flight.discard(unit_id)
         w.done += 1
+        w.busy_since = (time.monotonic() if now is None else now) if w.in_flight else None
 
     def worker_failed(self, worker: int) -> list[int]:
         """Mark a worker dead and put its in-flight units back at the front of the queue.
@@ -160,12 +173,73 @@ class Dispatcher:
             unit = self.units[uid]
             unit.state, unit.worker = UnitState.QUEUED, None
         w.in_flight.clear()
+        w.busy_since = None
         orphans = sorted(set(self._orphans) | set(self._own[worker]) | set(requeued))
         self._orphans = deque(orphans)
         self._own[worker] = deque()
         self.queue = deque(sorted(set(self.queue) | set(requeued)))
         return requeued
 
+    def worker_joined(self, worker: int) -> None:
+        """A worker (new, or a replacement of a failed one under the same index) can take units."""
+        w = self.workers.get(worker)
+        if w is None:
+            self.workers[worker] = WorkerStatus(worker)
+            self._own[worker] = deque()
+        else:
+            w.alive = True
+
     def stalled(self) -> bool:
         """True when units remain but no live worker can take them."""
         return not self.done and not self.live_workers
+
+
+class Action(str, Enum):
+    REPLACE = "replace"  # requeue its units, start a replacement, carry on with the others meanwhile
+    GIVE_UP = "give_up"  # too many failures in this run: stop (with a checkpoint of the last step)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str  # one line for the log or the error message
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """What a worker failure means for the run: a pure function of status records (no Ray).
+
+    Attributes:
+        max_restarts: worker failures tolerated per run (workers.max_restarts).
+        unit_timeout_s: a worker with units in flight and no progress for this long is hung
+            (workers.unit_timeout_s).
+    """
+
+    max_restarts: int
+    unit_timeout_s: float
+
+    def hung(self, workers: Iterable[WorkerStatus], now: float) -> list[int]:
+        """Live workers with units in flight that made no progress within unit_timeout_s."""
+        return [
+            w.index for w in workers
+            if w.alive and w.in_flight and w.busy_since is not None and now - w.busy_since > self.unit_timeout_s
+        ]
+
+    def deadline(self, workers: Iterable[WorkerStatus]) -> float | None:
+        """The monotonic time at which the first busy worker would count as hung (None: none is busy)."""
+        times = [w.busy_since + self.unit_timeout_s for w in workers if w.alive and w.in_flight and w.busy_since is not None]
+        return min(times) if times else None
+
+    def decide(self, failed: WorkerStatus, run_failures: int) -> Decision:
+        """Replace `failed` or give up, given the run's failures so far (this one included).
+
+        The failed worker's units are requeued either way (Dispatcher.worker_failed), so a run
+        that gives up could still be resumed exactly from its last checkpoint.
+        """
+        if run_failures <= self.max_restarts:
+            return Decision(Action.REPLACE, f"replacing it (worker failure {run_failures} of at most workers.max_restarts={self.max_restarts} per run)")
+        return Decision(
+            Action.GIVE_UP,
+            f"{run_failures} worker failures in this run, more than workers.max_restarts={self.max_restarts}; "
+            "fix the cause (node preemption, out of memory, hung I/O) or raise workers.max_restarts, then resume",
+        )

@@ -5,6 +5,13 @@ worker call carries the reference and a key, and a worker reloads its model only
 changes. Units are handed out on demand (dispatch.Dispatcher) and the partial sums are added in
 unit-id order (objective.OrderedReducer), so the float64 result is bit-identical for any number of
 workers and any split of the units between them.
+
+Faults: a worker that dies mid-pass (process killed, node removed) or hangs past
+workers.unit_timeout_s loses only its unfinished units; they go back to the queue and the others
+take them, so the pass still counts every unit once and its sum is the one without the failure.
+The worker is restarted by Ray or replaced by a new actor (when resources allow) and rejoins when
+it answers; past workers.max_restarts failures per run the pass gives up with a TrainingError
+(dispatch.FailurePolicy decides; this file only carries out its decisions).
 """
 
 from __future__ import annotations
@@ -19,16 +26,25 @@ import numpy as np
 import ray
 
 from ..config import Config
-from ..data import Dataset, WorkUnit
+from ..data import PASS_MIN_UNITS, Dataset, WorkUnit
 from ..engine import PASS_KINDS
 from ..errors import TrainingError
 from ..objective import OrderedReducer, Sums
 from . import runtime
-from .dispatch import Dispatcher
+from .dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # units per worker: one computing, one being read (the worker has max_concurrency=2)
+
+# Errors that say the worker (or its node, or the result it stored there) is gone, not that the
+# unit is wrong: the unit is redone elsewhere. Anything else a unit raises stops the pass.
+WORKER_LOST = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+)
 
 
 class RayEvaluator:
@@ -37,17 +53,28 @@ class RayEvaluator:
     Args:
         cfg: the run's config (data.block_rows, workers.unit_timeout_s).
         dataset: the dataset (its units are cut here, with the engine's rules).
-        workers: Ray actor handles of cluster.worker.Worker.
+        workers: Ray actor handles of cluster.worker.Worker. The list itself is kept (not copied):
+            a replacement actor takes its dead predecessor's place in it.
         depth: units in flight per worker.
+        launcher: starts a new actor for a worker that Ray will not bring back; None: such a
+            worker is not replaced and the others carry on.
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT) -> None:
+    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None) -> None:
         if not workers:
             raise TrainingError("the Ray evaluator needs at least one worker")
         self.cfg = cfg
-        self.workers = list(workers)
+        self.workers = workers if isinstance(workers, list) else list(workers)
         self.depth = depth
-        self.units = dataset.units(cfg.data.block_rows)
+        self.launcher = launcher
+        self.policy = FailurePolicy(cfg.workers.max_restarts, cfg.workers.unit_timeout_s)
+        self.failures = 0  # worker failures in this run, all workers together
+        self.last_live = len(self.workers)  # workers alive at the end of the last pass
+        self._probes: dict[Any, int] = {}  # info() call on a restarting/new worker -> its index
+        self._down: dict[int, bool] = {}  # workers not taking units: index -> running as a new actor
+        self._generation = [0] * len(self.workers)  # replacements started per worker index
+        self._stalled_since: float | None = None
+        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS)
         self.rows = dataset.rows
         self.timeout_s = cfg.workers.unit_timeout_s
         self.last_counts: dict[int, int] = {}  # units each worker ran in the last pass
@@ -70,38 +97,141 @@ class RayEvaluator:
 
     # ---- passes --------------------------------------------------------------------------
 
-    def _drive(self, units: list[WorkUnit], submit, consume, below=None) -> dict[int, int]:
-        """Dispatch `units` on demand until all are consumed.
+    def _results(self, units: list[WorkUnit], submit, below=None) -> Iterator[tuple[WorkUnit, Any]]:
+        """Dispatch `units` on demand; yield (unit, result) as results arrive, each unit exactly once.
 
         Args:
             submit: (worker handle, unit) -> ObjectRef.
-            consume: (unit, result) -> None, called as results arrive.
             below: optional () -> unit id bound for Dispatcher.assign.
 
-        Returns:
-            Units run per worker index.
+        Raises:
+            TrainingError: past workers.max_restarts worker failures, or no worker left.
+            DistSaeError: what a unit raised (a DataError stays a DataError).
         """
         by_id = {u.id: u for u in units}
-        dispatcher = Dispatcher(list(by_id), list(range(len(self.workers))), self.depth, self._affinity)
+        live = [w for w in range(len(self.workers)) if w not in self._down]
+        dispatcher = Dispatcher(list(by_id), live, self.depth, self._affinity)
         pending: dict[Any, tuple[int, int]] = {}
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
                 pending[submit(self.workers[w], by_id[uid])] = (w, uid)
-            if not pending:
-                raise TrainingError("no worker can take the remaining work units")
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
-            if not ready:
+            # Probes first: ray.wait reports ready refs in list order, and a stream of finished units
+            # must not keep a worker that is back from rejoining.
+            waiting = list(self._probes) + list(pending)
+            if not waiting:
                 raise TrainingError(
-                    f"no work unit finished within workers.unit_timeout_s={self.timeout_s:g}s; a worker hangs "
-                    "(or units are slower than that: raise workers.unit_timeout_s)"
+                    f"no worker is left to run the remaining work units: {len(self._down)} of {len(self.workers)} "
+                    "workers failed and cannot be replaced"
                 )
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(dispatcher))
             for ref in ready:
+                if ref in self._probes:
+                    self._probe_done(ref, dispatcher)
+                    continue
                 w, uid = pending.pop(ref)
-                result = runtime.get(ref, f"work unit {uid} on worker {w}")
+                try:
+                    result = ray.get(ref)
+                except WORKER_LOST as exc:
+                    self._failed(w, f"it was lost while running work unit {uid} ({runtime.first_line(exc)})", dispatcher, pending)
+                    continue
+                except ray.exceptions.RayError as exc:
+                    raise runtime.library_error(exc, f"work unit {uid} on worker {w}") from None
                 dispatcher.complete(w, uid)
                 self._affinity[uid] = w
-                consume(by_id[uid], result)
-        return dispatcher.counts()
+                yield by_id[uid], result
+            now = time.monotonic()
+            for w in self.policy.hung(dispatcher.workers.values(), now):
+                stuck = min(dispatcher.workers[w].in_flight)
+                self._kill(w)
+                self._failed(w, f"work unit {stuck} made no progress within workers.unit_timeout_s={self.timeout_s:g}s (hung)",
+                             dispatcher, pending)
+            self._check_stalled(dispatcher, now)
+        self.last_counts = dispatcher.counts()
+        self.last_live = len(dispatcher.live_workers)
+
+    # ---- failures (dispatch.FailurePolicy decides; these carry it out) ------------------------
+
+    def _wait_s(self, dispatcher: Dispatcher) -> float | None:
+        """How long ray.wait may block: until the next worker would count as hung, or no limit."""
+        deadlines = [self.policy.deadline(dispatcher.workers.values())]
+        if self._stalled_since is not None:
+            deadlines.append(self._stalled_since + self.timeout_s)
+        deadlines = [d for d in deadlines if d is not None]
+        return max(0.01, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _check_stalled(self, dispatcher: Dispatcher, now: float) -> None:
+        """Give up when no worker has been alive for unit_timeout_s (replacements cannot be placed)."""
+        if dispatcher.live_workers or dispatcher.done:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since > self.timeout_s:
+            raise TrainingError(
+                f"no worker has been alive for workers.unit_timeout_s={self.timeout_s:g}s: {len(self._down)} failed and "
+                "their replacements did not start (does the cluster still have the CPUs/GPUs they need?)"
+            )
+
+    def _kill(self, worker: int) -> None:
+        """Kill a hung worker's process; Ray restarts it (its restarts permitting)."""
+        try:
+            ray.kill(self.workers[worker], no_restart=False)
+        except Exception as exc:  # already gone
+            log.debug("killing worker %d: %s", worker, exc)
+
+    def _failed(self, worker: int, why: str, dispatcher: Dispatcher, pending: dict[Any, tuple[int, int]]) -> None:
+        """Requeue a failed worker's units, forget its outstanding calls, then replace it or give up."""
+        requeued = dispatcher.worker_failed(worker)
+        for ref in [r for r, (w, _) in pending.items() if w == worker]:
+            del pending[ref]  # a late result of the failed worker is never counted
+        self._count_failure(dispatcher.workers[worker], why, requeued)
+        self._restart(worker)
+
+    def _count_failure(self, status: WorkerStatus, why: str, requeued: list[int]) -> None:
+        self.failures += 1
+        decision = self.policy.decide(status, self.failures)
+        if decision.action is Action.GIVE_UP:
+            raise TrainingError(f"worker {status.index} failed: {why}; {decision.reason}")
+        log.warning("worker %d failed: %s; its unfinished units %s go to the other workers; %s",
+                    status.index, why, requeued, decision.reason)
+
+    def _restart(self, worker: int, new_actor: bool = False) -> None:
+        """Wait (asynchronously) for the worker to come back: Ray's restart, or a new actor."""
+        if new_actor:
+            if self.launcher is None:
+                log.warning("worker %d cannot be replaced here (no launcher); the others carry on", worker)
+                self._down[worker] = True
+                return
+            try:
+                ray.kill(self.workers[worker])  # so Ray does not also bring the old one back
+            except Exception:
+                pass
+            self._generation[worker] += 1
+            self.workers[worker] = self.launcher.start(worker, self._generation[worker])
+        self._down[worker] = new_actor
+        # Answers once the actor is up again: retried while Ray restarts it (a plain call would fail
+        # at once with "the actor is restarting"), an error once it is dead for good, and pending
+        # while a replacement cannot be placed (its node is gone).
+        self._probes[self.workers[worker].info.options(max_task_retries=-1).remote()] = worker
+
+    def _probe_done(self, ref: Any, dispatcher: Dispatcher) -> None:
+        worker = self._probes.pop(ref)
+        new_actor = self._down[worker]
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            error = runtime.library_error(exc, f"restarting worker {worker}")
+            if not isinstance(error, TrainingError):
+                raise error from None  # its constructor failed (data unreachable, no GPU): a real error
+            if not new_actor:
+                self._restart(worker, new_actor=True)  # Ray will not bring it back: start a new actor
+                return
+            status = dispatcher.workers.get(worker) or WorkerStatus(worker, alive=False)
+            self._count_failure(status, f"its replacement did not start ({runtime.first_line(exc)})", [])
+            self._restart(worker, new_actor=True)
+            return
+        del self._down[worker]
+        dispatcher.worker_joined(worker)
+        log.info("worker %d is back and takes units again", worker)
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
         """The ordered float64 sum of a pass (pass1, pass2, onepass) over `units`, and timings."""
@@ -134,7 +264,8 @@ class RayEvaluator:
                 bar.update(unit.rows)
 
         try:
-            self.last_counts = self._drive(units, submit, consume)
+            for unit, result in self._results(units, submit):
+                consume(unit, result)
         finally:
             if bar is not None:
                 bar.close()
@@ -142,7 +273,7 @@ class RayEvaluator:
             raise TrainingError(f"{kind}: the pass ended with units missing from the reduction")
         wall = time.perf_counter() - t0
         # io_s / compute_s: worker-seconds reading and computing, summed over workers (reads overlap compute).
-        return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": len(self.workers)}
+        return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live}
 
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None) -> Iterator[tuple[WorkUnit, np.ndarray]]:
         """Yield (unit, per-row output) in unit order for kind `encode` or `reconstruct`.
@@ -157,31 +288,23 @@ class RayEvaluator:
         window = 2 * self.depth * len(self.workers)
         done: dict[int, np.ndarray] = {}
         position = 0  # index in `order` of the next unit to yield
-        by_id = {u.id: u for u in order}
-        dispatcher = Dispatcher([u.id for u in order], list(range(len(self.workers))), self.depth, self._affinity)
-        pending: dict[Any, tuple[int, int]] = {}
-        while position < len(order):
-            bound = order[position + window].id if position + window < len(order) else None
-            for w, uid in dispatcher.assign(bound):
-                ref = self.workers[w].transform.remote(kind, by_id[uid], theta_key, theta_ref, layer)
-                pending[ref] = (w, uid)
-            if order[position].id not in done:
-                if not pending:
-                    raise TrainingError("no worker can take the remaining work units")
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
-                if not ready:
-                    raise TrainingError(f"no work unit finished within workers.unit_timeout_s={self.timeout_s:g}s")
-                for ref in ready:
-                    w, uid = pending.pop(ref)
-                    got_id, out = runtime.get(ref, f"{kind} of work unit {uid} on worker {w}")
-                    dispatcher.complete(w, uid)
-                    self._affinity[uid] = w
-                    done[got_id] = out
+
+        def bound() -> int | None:
+            return order[position + window].id if position + window < len(order) else None
+
+        def submit(worker, unit):
+            return worker.transform.remote(kind, unit, theta_key, theta_ref, layer)
+
+        for unit, (got_id, out) in self._results(order, submit, bound):
+            if got_id != unit.id:
+                raise TrainingError(f"worker returned unit {got_id} for unit {unit.id}")
+            done[got_id] = out
             while position < len(order) and order[position].id in done:
-                unit = order[position]
+                next_unit = order[position]
                 position += 1
-                yield unit, done.pop(unit.id)
+                yield next_unit, done.pop(next_unit.id)
 
     def close(self) -> None:
         """Nothing to release here: the session owns (and kills) the worker actors."""
         self._theta_ref = None
+        self._probes.clear()

@@ -157,6 +157,11 @@ def library_error(exc: BaseException, what: str) -> BaseException:
     return TrainingError(f"{what} failed: {type(cause).__name__}: {_first_line(cause)}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The last non-empty line of an error's text (Ray puts the cause last), for one-line messages."""
+    return _first_line(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     lines = [line for line in text.splitlines() if line.strip()]

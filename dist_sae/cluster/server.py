@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import step_or_roll_back
 from ..config import from_dict
 from ..data import Dataset, WorkUnit
 from ..engine import PassProblem
@@ -32,6 +33,7 @@ class ParameterServer:
         workers: Ray actor handles of the workers.
         theta0: initial θ (P,) float64.
         batches: minibatch work units (minibatch methods), each a list of parts.
+        launcher: a launcher.WorkerLauncher, so a worker that cannot be restarted is replaced.
     """
 
     def __init__(
@@ -41,16 +43,21 @@ class ParameterServer:
         workers: list[Any],
         theta0: np.ndarray,
         batches: list[list[WorkUnit]] | None = None,
+        launcher: Any = None,
     ) -> None:
         cfg = from_dict(config)
         dataset = Dataset.open(dataset_path, verify_shards=False)
-        self.evaluator = RayEvaluator(cfg, dataset, workers)
+        self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)
         self.problem = PassProblem(self.evaluator, cfg)
         self.trainer = Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches)
 
     def step(self) -> tuple[dict[str, Any], bool]:
-        """One optimizer step: (its metrics, converged)."""
-        metrics = self.trainer.step()
+        """One optimizer step: (its metrics, converged).
+
+        A step that fails (workers lost past workers.max_restarts, non-finite J) leaves the trainer
+        as it was before the step, so state_dict() is the last completed step's, fit to checkpoint.
+        """
+        metrics = step_or_roll_back(self.trainer)
         return metrics, self.trainer.converged
 
     def converged(self) -> bool:
@@ -71,6 +78,10 @@ class ParameterServer:
         from .worker import _node_id
 
         return _node_id()
+
+    def worker_failures(self) -> int:
+        """Worker failures handled so far in this run."""
+        return self.evaluator.failures
 
     def last_counts(self) -> dict[int, int]:
         """Units each worker ran in the last pass."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +25,12 @@ from ..engine import PassProblem, minibatches
 from ..errors import ConfigError, TrainingError
 from . import runtime
 from .evaluator import RayEvaluator
+from .launcher import WorkerLauncher, WorkerSpec, worker_name  # noqa: F401 (WorkerSpec, worker_name: public here)
 from .server import ParameterServer
-from .worker import Worker, worker_threads
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = f"{runtime.ACTOR_PREFIX}.ParameterServer"
-
-
-def worker_name(index: int) -> str:
-    return f"{runtime.ACTOR_PREFIX}.worker-{index}"
-
-
-@dataclass
-class WorkerSpec:
-    """Placement of one worker beyond the workers.* defaults (tests, mixed clusters).
-
-    Attributes:
-        resources: extra Ray custom resources the worker needs, e.g. {"fake_gpu": 1}.
-        num_cpus, num_gpus: override workers.cpus_per_worker / workers.gpus_per_worker.
-        delay_s: test-only: the worker sleeps this long per unit (a slow worker).
-    """
-
-    resources: dict[str, float] = field(default_factory=dict)
-    num_cpus: float | None = None
-    num_gpus: float | None = None
-    delay_s: float = 0.0
 
 
 def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
@@ -132,14 +111,16 @@ class ClusterSession:
             check_placement(cfg, resources)
             specs = worker_specs or [WorkerSpec() for _ in range(worker_count(cfg.workers, resources))]
             self.namespace = runtime.run_namespace()
-            self.workers = [self._start_worker(i, spec) for i, spec in enumerate(specs)]
+            self.launcher = WorkerLauncher(self._config, self.dataset_path, self.namespace, list(specs))
+            self.workers = [self.launcher.start(i) for i in range(len(specs))]
             # Surfaces constructor errors (no GPU, unreadable data) before any work is sent.
             self.worker_info = runtime.get(
                 [w.info.remote() for w in self.workers], "starting the workers", timeout=cfg.workers.unit_timeout_s
             )
             log.info("%d Ray workers in namespace %s: %s", len(self.workers), self.namespace,
                      ", ".join(f"{i['device']}@{i['host']}" for i in self.worker_info))
-            self.problem = PassProblem(RayEvaluator(cfg, dataset, self.workers), cfg)
+            # The evaluator shares self.workers: a worker it replaces is the session's (close kills it).
+            self.problem = PassProblem(RayEvaluator(cfg, dataset, self.workers, launcher=self.launcher), cfg)
         except BaseException:
             self.close()
             raise
@@ -147,21 +128,6 @@ class ClusterSession:
     @property
     def num_workers(self) -> int:
         return len(self.workers)
-
-    def _start_worker(self, index: int, spec: WorkerSpec) -> Any:
-        w = self.cfg.workers
-        cpus = w.cpus_per_worker if spec.num_cpus is None else spec.num_cpus
-        gpus = w.gpus_per_worker if spec.num_gpus is None else spec.num_gpus
-        actor = ray.remote(Worker).options(
-            name=worker_name(index),
-            namespace=self.namespace,
-            num_cpus=cpus,
-            num_gpus=gpus,
-            resources=spec.resources or None,
-            max_concurrency=2,  # one call computes while the next reads its unit (read-ahead)
-        )
-        threads = worker_threads(self.cfg.compute.threads, cpus)
-        return actor.remote(self._config, self.dataset_path, index, gpus, threads, spec.delay_s)
 
     def stepper(self, theta0: np.ndarray) -> RemoteStepper:
         """A trainer on a ParameterServer actor on the driver's node, starting from θ0."""
@@ -179,7 +145,7 @@ class ClusterSession:
                 num_cpus=0,  # it only adds sums and steps; the CPU slots are the workers'
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.driver_node_id(), soft=False),
             )
-            .remote(self._config, self.dataset_path, self.workers, np.asarray(theta0, dtype=np.float64), batches)
+            .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
         )
         return RemoteStepper(self.server)
 
@@ -189,15 +155,35 @@ class ClusterSession:
         A session that joined a running cluster disconnects from it; one that found this process
         already connected leaves the connection alone.
         """
-        for actor in ([self.server] if self.server is not None else []) + self.workers:
+        actors = ([self.server] if self.server is not None else []) + list(self.workers)
+        actors += _named_actors(getattr(self, "namespace", None))  # replacements started by the server
+        for actor in actors:
             try:
                 ray.kill(actor)
             except Exception:  # already dead, or Ray is gone
                 pass
-        self.server, self.workers = None, []
+        self.server = None
+        self.workers[:] = []
         if self._ray in ("started", "joined"):
             runtime.stop_local()
             self._ray = "closed"
+
+
+def _named_actors(namespace: str | None) -> list[Any]:
+    """Handles of the live named actors of a run's namespace (empty when Ray is gone)."""
+    if namespace is None or not ray.is_initialized():
+        return []
+    handles = []
+    try:
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == namespace:
+                try:
+                    handles.append(ray.get_actor(entry["name"], namespace=namespace))
+                except ValueError:  # gone meanwhile
+                    pass
+    except Exception:  # Ray is shutting down
+        return []
+    return handles
 
 
 def _wait_until_unnamed(name: str, namespace: str, timeout_s: float = 30.0) -> None:

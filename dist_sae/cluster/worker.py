@@ -71,6 +71,29 @@ class Worker:
         self.runner = PassRunner(cfg, dataset_path, device, threads)
         self._compute = threading.Lock()  # one unit computes at a time; the other call reads
         self._g_key: object = None
+        self._fault: tuple[str, int] | None = None  # test-only: (exit | hang, units left before it)
+
+    def inject_fault(self, after_units: int, kind: str = "exit") -> None:
+        """Test-only fault knob: after `after_units` more units, fail inside the next one.
+
+        kind "exit" ends the process (os._exit, as a killed or preempted worker); "hang" blocks
+        forever (as a worker stuck on I/O), so workers.unit_timeout_s must catch it. A worker that
+        Ray restarts reruns its constructor, which clears the knob: it fails once.
+        """
+        if kind not in ("exit", "hang"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self._fault = (kind, after_units)
+
+    def _maybe_fail(self) -> None:
+        if self._fault is None:
+            return
+        kind, left = self._fault
+        if left > 0:
+            self._fault = (kind, left - 1)
+            return
+        if kind == "exit":
+            os._exit(1)
+        threading.Event().wait()  # hang: never returns
 
     def info(self) -> dict[str, Any]:
         """Where and how this worker computes (for logs, tests and `ray list actors`)."""
@@ -121,6 +144,7 @@ class Worker:
         block = self.runner.load(unit)
         t1 = time.perf_counter()
         with self._compute:
+            self._maybe_fail()
             t2 = time.perf_counter()
             self._load(theta_key, theta, g_key, g)
             sums = self.runner.compute(kind, unit, block)
@@ -133,6 +157,7 @@ class Worker:
         """Per-row outputs of one unit: `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
         block = self.runner.load(unit)
         with self._compute:
+            self._maybe_fail()
             self._set_theta(theta, theta_key)
             out = self.runner.transform(kind, block, layer)
             if self.delay_s:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .. import api
+from ..errors import ConfigError
 from ..model import MODEL_FILE
 from . import add_overrides, config_help
 
@@ -17,7 +19,11 @@ def register(sub) -> None:
     p.add_argument("--data", help="dataset folder (data.path)")
     p.add_argument("--out", help="run directory (run.out)")
     p.add_argument("--init", help="start from these weights (.safetensors with W1, b1, ...)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (or --out) from its newest valid checkpoint; the data and settings come from "
+        "its saved config.json unless --config, --data or KEY=VALUE change them",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--allow-change", action="store_true", help="let --resume change the config or the dataset")
     p.add_argument("--address", help="Ray address to join ('auto', HOST:PORT); default: start a local Ray")
@@ -50,19 +56,34 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_config)
 
 
+def _resume_target(args) -> tuple[str, list[str]]:
+    """(run dir, overrides) of `--resume [RUN_DIR]`; `--resume key=value ...` meant a bare --resume."""
+    value, overrides = args.resume, list(args.overrides)
+    if value and "=" in value and not Path(value).exists():
+        overrides.insert(0, value)
+        value = ""
+    if value and args.out and Path(value) != Path(args.out):
+        raise ConfigError(f"--resume {value} and --out {args.out} name different run directories; give one of them")
+    run_dir = value or args.out
+    if not run_dir:
+        raise ConfigError("--resume needs the run directory: --resume RUN_DIR (or --out RUN_DIR)")
+    return run_dir, overrides
+
+
 def cmd_train(args) -> int:
-    cfg = api.config_from_args(
-        args.config,
-        args.overrides,
-        **{
-            "data.path": args.data,
-            "run.out": args.out,
-            "workers.address": args.address,
-            "workers.engine": "local" if args.local else None,
-            "run.quiet": True if args.quiet else None,
-        },
-    )
-    result = api.train(cfg, init=args.init, resume=args.resume, overwrite=args.overwrite, allow_change=args.allow_change)
+    flags = {
+        "data.path": args.data,
+        "workers.address": args.address,
+        "workers.engine": "local" if args.local else None,
+        "run.quiet": True if args.quiet else None,
+    }
+    resume = args.resume is not None
+    if resume:
+        run_dir, overrides = _resume_target(args)
+        cfg = api.resume_config(run_dir, args.config, overrides, **flags)
+    else:
+        cfg = api.config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
+    result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
     final = result.final
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: J={final.get('J', float('nan')):.6g}")
     print(f"model: {result.run_dir / MODEL_FILE}")

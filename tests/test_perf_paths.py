@@ -1,0 +1,195 @@
+"""The fast paths of issue #8 against their references, and the benchmark suite's output shape.
+
+The hand-written forward/backward must equal autograd's surrogate-loss gradient to 1e-12 in
+float64; the one-pass sums must equal the autograd one-pass; the min_units cut must keep every row
+exactly once; the cached per-unit data sums must equal fresh ones. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dist_sae.objective as objective
+from dist_sae.config import load_config
+from dist_sae.data import MIN_UNIT_ROWS, Dataset
+from dist_sae.engine import bind_dataset, local_problem
+from dist_sae.model import SparseAutoencoder
+from dist_sae.objective import Objective, handwritten_supported, onepass_block, pass1_block, pass2_block
+
+from util import config, make_dataset, random_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup(hidden, activation="sigmoid", output="sigmoid", kind="kl", layers=(1,), seed=0, rows=37, visible=9):
+    cfg = load_config(None, {"model.visible": visible, "model.hidden": list(hidden), "model.activation": activation,
+                             "model.output": output, "sparsity.kind": kind, "sparsity.layers": list(layers)})
+    model = SparseAutoencoder.from_config(cfg)
+    model.reset_parameters(seed)
+    with torch.no_grad():  # non-zero biases, so their gradients are tested too
+        model.theta.add_(0.1 * torch.randn(model.num_params, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64))
+    x = torch.rand(rows, visible, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    return model, Objective.from_config(cfg), x
+
+
+def _both(fn):
+    """fn() with the hand-written path, then with autograd."""
+    objective.USE_HANDWRITTEN = True
+    fast = fn()
+    objective.USE_HANDWRITTEN = False
+    try:
+        slow = fn()
+    finally:
+        objective.USE_HANDWRITTEN = True
+    return fast, slow
+
+
+def _assert_sums_equal(fast, slow):
+    assert fast.keys() == slow.keys()
+    for key in slow:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+CASES = [
+    ([5], "sigmoid", "sigmoid", "kl", (1,)),
+    ([5], "tanh", "linear", "kl", (1,)),
+    ([6, 3], "sigmoid", "linear", "kl", (1, 2)),
+    ([6, 4, 2], "tanh", "sigmoid", "kl", (2,)),
+    ([5], "relu", "linear", "l1", (1,)),
+    ([6, 3], "linear", "linear", "l1", (1, 2)),
+    ([5], "sigmoid", "sigmoid", "none", (1,)),
+    ([4, 3], "relu", "sigmoid", "none", (1,)),
+]
+
+
+@pytest.mark.parametrize("hidden,activation,output,kind,layers", CASES)
+@pytest.mark.parametrize("noisy", [False, True])
+def test_handwritten_pass2_equals_autograd(hidden, activation, output, kind, layers, noisy):
+    model, obj, x = _setup(hidden, activation, output, kind, layers)
+    assert handwritten_supported(model, obj)
+    x_in = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) if noisy else None
+    gen = torch.Generator().manual_seed(3)
+    g = [torch.randn(hidden[layer - 1], generator=gen, dtype=torch.float64) for layer in layers] if kind == "kl" else None
+    fast, slow = _both(lambda: pass2_block(model, obj, x, g, x_in))
+    _assert_sums_equal(fast, slow)
+
+
+@pytest.mark.parametrize("hidden,activation,output", [([7], "sigmoid", "sigmoid"), ([7], "tanh", "linear"), ([6, 3], "sigmoid", "linear")])
+def test_handwritten_onepass_equals_autograd(hidden, activation, output):
+    model, obj, x = _setup(hidden, activation, output, "kl", (1,))
+    fast, slow = _both(lambda: onepass_block(model, obj, x))
+    assert {"S_W", "S_b"} <= fast.keys()
+    _assert_sums_equal(fast, slow)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "satlin"])
+def test_pass1_fast_forward_equals_encoder(activation):
+    model, _, x = _setup([6, 3], activation, "linear", "none")
+    sums = pass1_block(model, x)
+    acts = model.encode_layers(x)
+    np.testing.assert_array_equal(sums["act"], torch.cat([a.detach().sum(0) for a in acts]).numpy())
+
+
+def test_unsupported_shapes_take_autograd():
+    cfg = load_config(None, {"model.visible": 6, "model.hidden": [4], "model.tied": True})
+    assert not handwritten_supported(SparseAutoencoder.from_config(cfg), Objective.from_config(cfg))
+    cfg = load_config(None, {"model.visible": 6, "model.hidden": [4], "model.activation": "relu", "model.output": "linear",
+                             "sparsity.kind": "topk", "sparsity.k": 2})
+    assert not handwritten_supported(SparseAutoencoder.from_config(cfg), Objective.from_config(cfg))
+
+
+def test_float32_handwritten_close_to_float64():
+    model, obj, x = _setup([5], "sigmoid", "sigmoid", "kl", (1,), rows=200)
+    g = [torch.full((5,), 0.3, dtype=torch.float64)]
+    ref = pass2_block(model, obj, x, g)
+    model32 = SparseAutoencoder(9, [5]).to(torch.float32)
+    with torch.no_grad():
+        model32.theta.copy_(model.theta)
+    got = pass2_block(model32, obj, x.float(), [g[0].float()])
+    assert got["grad"].dtype == np.float64
+    np.testing.assert_allclose(got["grad"], ref["grad"], rtol=1e-4, atol=1e-4)
+
+
+def test_min_units_cut_counts_every_row_once(tmp_path):
+    rows = 4 * MIN_UNIT_ROWS + 13
+    ds = make_dataset(tmp_path / "d", random_rows(rows, 3), shard_rows=7000, chunk_rows=256)
+    units = ds.units(16384, min_units=4)
+    assert len(units) >= 4
+    covered = np.zeros(rows, dtype=int)
+    offsets = np.cumsum([0] + [s.rows for s in ds.shards])
+    for u in units:
+        covered[offsets[u.shard] + u.start : offsets[u.shard] + u.stop] += 1
+    assert (covered == 1).all()
+    assert [u.id for u in units] == list(range(len(units)))
+    assert len(ds.units(16384)) == 3  # without min_units, the usual cut (one unit per shard here)
+    tiny = make_dataset(tmp_path / "t", random_rows(70, 3), shard_rows=30)
+    assert len(tiny.units(16384, min_units=4)) == 3  # never units under MIN_UNIT_ROWS rows
+
+
+def test_cached_data_sums_and_results_repeat_exactly(tmp_path):
+    data = tmp_path / "d"
+    make_dataset(data, random_rows(300, 6, seed=2), shard_rows=100)
+    cfg = config(data, model__hidden=[4], data__block_rows=64)
+    ds = Dataset.open(data)
+    cfg = bind_dataset(cfg, ds)
+    problem = local_problem(cfg, ds)
+    theta = SparseAutoencoder.from_config(cfg)
+    theta.reset_parameters(0)
+    theta = theta.theta.detach().numpy().copy()
+    first = problem.evaluate(theta)
+    second = problem.evaluate(theta)  # blocks and their Σx, Σ‖x‖² now come from the cache
+    assert first.loss == second.loss and np.array_equal(first.grad, second.grad)
+    assert first.stats["fvu"] == second.stats["fvu"]
+    streamed = local_problem(cfg.with_overrides({"data.cache_mb": 0}), ds).evaluate(theta)
+    assert streamed.loss == first.loss and np.array_equal(streamed.grad, first.grad)
+    problem.evaluator.close()
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("bench_suite_under_test", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_numpy_peer_cost_matches_the_engine(tmp_path):
+    suite = _load_suite()
+    data = tmp_path / "d"
+    x = random_rows(200, 64, seed=4)
+    make_dataset(data, x, shard_rows=200)
+    cfg = bind_dataset(config(data, model__hidden=[25]), Dataset.open(data))
+    problem = local_problem(cfg, Dataset.open(data))
+    model = SparseAutoencoder.from_config(cfg)
+    model.reset_parameters(1)
+    theta = model.theta.detach().numpy().copy()
+    ev = problem.evaluate(theta)
+    cost, grad = suite.numpy_cost(theta, x, 64, 25, 1e-4, 3.0, 0.01)
+    assert cost == pytest.approx(ev.loss, rel=1e-12)
+    np.testing.assert_allclose(grad, ev.grad, rtol=1e-9, atol=1e-12)
+    plain = suite.PlainTorch(torch.from_numpy(x), cfg, 64)
+    for loss, g in (plain.whole(theta), plain.blocked(theta)):
+        assert loss == pytest.approx(ev.loss, rel=1e-12)
+        np.testing.assert_allclose(g, ev.grad, rtol=1e-9, atol=1e-12)
+    problem.evaluator.close()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_suite_writes_every_ratio(tmp_path):
+    """The whole suite at its tiny size (starts Ray twice): the JSON has every ratio and target."""
+    suite = _load_suite()
+    report = suite.run_suite(tmp_path / "out", "tiny")
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    for key in ("stream_vs_memory", "twopass_vs_pass2", "onepass_vs_pass2", "ray2_vs_local", "exercise_vs_numpy_peer",
+                "rss_16x_vs_1x"):
+        assert key in saved["ratios"] and np.isfinite(saved["ratios"][key]), key
+        assert key in saved["targets"]
+    assert set(report["compute"]) == {"64-25", "784-1024"}
+    assert "ray_startup_s" in saved["exercise"] and "J_peer" in saved["exercise"]
+    assert (tmp_path / "out" / "bench.md").read_text().startswith("| ratio |")
