@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data import fsync_path
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,6 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE = "state.json"  # written last: a folder without it is not a checkpoint
 _UNFINISHED = (".tmp", ".old")  # being written / being replaced: never loaded
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: dict[str, Any], keep: int = 3) -> Path:
@@ -58,19 +51,19 @@ def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: di
         tmp.mkdir()
         save_file({"theta": trainer_state["theta"].contiguous()}, str(tmp / "theta.safetensors"))
         torch.save(
-            {k: trainer_state[k] for k in ("optimizer", "rho_means", "ema_means")},
+            {k: trainer_state.get(k) for k in ("optimizer", "rho_means", "ema_means", "dead_units")},
             tmp / "trainer.pt",
         )
         (tmp / COMPLETE).write_text(json.dumps({**info, "trainer": trainer_state["meta"]}, indent=2) + "\n")
         for file in tmp.iterdir():
-            _fsync_path(file)
+            fsync_path(file)
         _before_rename_hook(tmp)
         old = root / f"step-{step:08d}.old"
         if final.exists():  # rewriting a step: move the old copy aside first, so one is valid throughout
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-        _fsync_path(root)
+        fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

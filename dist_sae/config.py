@@ -172,7 +172,7 @@ class ComputeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda where a worker has a GPU assigned, else cpu."""
     threads: int = Field(default=0, ge=0)
-    """Torch intra-op threads per worker; 0: the worker's CPU share (all cores for a single process)."""
+    """Torch intra-op threads per worker; 0: the worker's CPU share (all cores for a single process). Set 1 on a machine busy with other processes."""
 
 
 class WorkersConfig(Section):

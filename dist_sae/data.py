@@ -387,7 +387,7 @@ class DatasetWriter:
         manifest = self.tmp / MANIFEST
         manifest.write_text(json.dumps(meta, indent=2) + "\n")
         for file in self.tmp.iterdir():
-            _fsync(file)
+            fsync_path(file)
         if self.out.exists():
             trash = self.out.with_name(self.out.name + ".old")
             shutil.rmtree(trash, ignore_errors=True)
@@ -422,7 +422,8 @@ def fingerprint_of(shards: list[ShardInfo], dim: int, dtype: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder, so a rename that follows is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -104,9 +104,26 @@ def inherited_transform(trained_on: str | None, dataset: Dataset) -> list[str]:
     return [f"data.transform={trained_on}"]
 
 
-def corruption_seed(seed: int, unit_id: int, noise_round: int) -> int:
-    """Seed of the input noise of one work unit: the same whichever worker runs it."""
-    return (seed * 1_000_003 + noise_round) * 1_000_003 + unit_id
+NOISE_CHUNK_ROWS = 128  # noise is drawn per fixed chunk of a shard's rows, whatever the work units
+
+
+def corruption_seed(seed: int, shard: int, chunk: int) -> int:
+    """Seed of the input noise of rows [chunk·128, (chunk+1)·128) of a shard: a function of the
+    rows alone, so every cut of the data into work units, and every worker, sees the same noise."""
+    return (seed * 1_000_003 + shard) * 1_000_003 + chunk
+
+
+def row_noise(kind: str, seed: int, shard: int, start: int, stop: int, dim: int) -> torch.Tensor:
+    """Standard-normal (gaussian) or uniform (mask) draws for rows [start, stop) of a shard, (rows, dim) float64."""
+    draw = torch.randn if kind == "gaussian" else torch.rand
+    parts = []
+    for chunk in range(start // NOISE_CHUNK_ROWS, (stop - 1) // NOISE_CHUNK_ROWS + 1):
+        gen = torch.Generator().manual_seed(corruption_seed(seed, shard, chunk))
+        block = draw((NOISE_CHUNK_ROWS, dim), generator=gen, dtype=torch.float64)
+        lo = max(start - chunk * NOISE_CHUNK_ROWS, 0)
+        hi = min(stop - chunk * NOISE_CHUNK_ROWS, NOISE_CHUNK_ROWS)
+        parts.append(block[lo:hi])
+    return torch.cat(parts)
 
 
 class PassRunner:
@@ -162,7 +179,7 @@ class PassRunner:
     def to_device(self, block: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows (B, n) as a compute-dtype tensor on the device; on the CPU, into `out` when it fits."""
         if self.input_transform is not None:
-            block = self.input_transform.apply(block)
+            block = self.input_transform.apply(block, dtype=np.float64)  # whitening in full precision
         x = torch.from_numpy(block)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
@@ -208,17 +225,16 @@ class PassRunner:
     def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
         """The denoising input for a unit's rows, or None without noise.
 
-        The noise is drawn on the CPU in float64 from a generator seeded by (run seed, unit id), so
-        it is the same whichever worker or device runs the unit, in pass 1 and pass 2 alike.
+        The noise is drawn on the CPU in float64, seeded by (run seed, shard, row chunk), so each row
+        gets the same corruption whichever worker or device runs it, however the rows are cut into
+        work units, in pass 1 and pass 2 alike.
         """
         if self.noise.kind == "none":
             return None
-        gen = torch.Generator().manual_seed(corruption_seed(self.seed, unit.id, 0))
+        draws = row_noise(self.noise.kind, self.seed, unit.shard, unit.start, unit.stop, x.shape[1])
         if self.noise.kind == "gaussian":
-            noise = torch.randn(x.shape, generator=gen, dtype=torch.float64) * self.noise.sigma
-            return x + noise.to(x.device, x.dtype)
-        keep = torch.rand(x.shape, generator=gen, dtype=torch.float64) >= self.noise.p
-        return x * keep.to(x.device, x.dtype)
+            return x + (draws * self.noise.sigma).to(x.device, x.dtype)
+        return x * (draws >= self.noise.p).to(x.device, x.dtype)
 
     def compute(self, kind: str, unit: WorkUnit, block: np.ndarray | torch.Tensor) -> Sums:
         """Partial sums of one unit's rows (as read, or as `load` gives them) for pass1, pass2 or onepass."""
@@ -351,7 +367,10 @@ class PassProblem:
         return sums, timing
 
     def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
-        return self._pass1(theta, units or self.units)[0]
+        return self.layer_stats(theta, units)[0]
+
+    def layer_stats(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return self._pass1(theta, units or self.units)
 
     def _pass1(self, theta: np.ndarray, units: list[WorkUnit]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(mean activation, rows where active) per encoder layer over `units`."""
@@ -408,21 +427,16 @@ def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[Work
 
 
 def local_threads(requested: int) -> int:
-    """Torch threads of the single-process engine: compute.threads, else the cores other processes leave idle.
+    """Torch threads of the single-process engine: compute.threads, else all the cores torch sees.
 
-    With compute.threads=0 this is torch's default (all cores) on an idle machine, and fewer as the
-    1-minute load average rises: intra-op threads that must share their cores with other busy
-    processes spin-wait on each other (OpenMP): on a busy 2-core machine 2 threads measured up to
-    40× slower than 1 (docs/performance.md), where on a quiet one they are 1.6× faster.
+    Deliberately not adapted to the machine's load: the thread count changes the float summation
+    order inside matrix products, so a load-dependent default would make two runs of the same
+    config differ in their last bits (and L-BFGS amplifies that over hundreds of steps). On a
+    machine shared with other busy processes set compute.threads=1: intra-op threads that share
+    their cores spin-wait on each other (measured up to 40× slower on a busy 2-core machine, where
+    2 threads are 1.6× faster than 1 on a quiet one; docs/performance.md).
     """
-    if requested > 0:
-        return requested
-    cores = TORCH_DEFAULT_THREADS
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # no load average on this platform: keep torch's default
-        return cores
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return requested if requested > 0 else TORCH_DEFAULT_THREADS
 
 
 def local_problem(cfg: Config, dataset: Dataset) -> PassProblem:

@@ -42,6 +42,9 @@ class Problem(Protocol):
     def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
         """Pass 1: mean activation of every encoder layer over `units` (None: all data)."""
 
+    def layer_stats(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Pass 1: (mean activation, rows where active) of every encoder layer over `units` (None: all data)."""
+
 
 def epoch_order(num_batches: int, seed: int, epoch: int) -> np.ndarray:
     """The seeded batch order of an epoch: a function of (seed, epoch) only, so nothing to checkpoint."""
@@ -92,6 +95,8 @@ class Trainer:
         self.rho_means: list[np.ndarray] | None = None  # the raw layer means rho_state was built from
         self.rho_step = -1  # step at which rho_state was computed
         self.ema_means: list[np.ndarray] | None = None
+        self.dead: np.ndarray | None = None  # minibatch AuxK: (h1,) bool dead-unit mask in use
+        self.dead_step = -1  # step at which `dead` was computed
         self.last: Evaluation | None = None
         self._cache: OrderedDict[bytes, Evaluation] = OrderedDict()
 
@@ -131,14 +136,16 @@ class Trainer:
     def _minibatch_state(self, batch: list[WorkUnit]) -> SparsityState | None:
         """The ρ̂ this step uses, by sparsity.rho_hat (None: the batch's own, computed by the problem)."""
         if not self.obj.uses_rho_hat:
-            return sparsity_state(self.obj, [])
+            state = sparsity_state(self.obj, [])
+            if self.obj.auxk:
+                state.dead = self._dead_units()
+            return state
         mode = self.cfg.sparsity.rho_hat
         if mode == "batch":
             return None
         theta = self.theta.detach().numpy()
         if mode == "exact":
-            every = self.cfg.sparsity.refresh_every or len(self.batches)
-            if self.rho_state is None or self.step_count - self.rho_step >= every:
+            if self.rho_state is None or self._refresh_due(self.rho_step):
                 self._set_rho(self.problem.layer_means(theta))
                 self.rho_step = self.step_count
             return self.rho_state
@@ -147,6 +154,17 @@ class Trainer:
             self.rho_step = self.step_count
         self._set_rho(self.ema_means)
         return self.rho_state
+
+    def _refresh_due(self, last_step: int) -> bool:
+        every = self.cfg.sparsity.refresh_every or len(self.batches)
+        return last_step < 0 or self.step_count - last_step >= every
+
+    def _dead_units(self) -> np.ndarray:
+        """AuxK's dead units (fired on no row of the whole dataset), refreshed on ρ̂'s exact schedule."""
+        if self.dead is None or self._refresh_due(self.dead_step):
+            _, fired = self.problem.layer_stats(self.theta.detach().numpy())
+            self.dead, self.dead_step = fired[0] == 0, self.step_count
+        return self.dead
 
     def _set_rho(self, layer_means: list[np.ndarray]) -> None:
         self.rho_means = layer_means
@@ -240,9 +258,11 @@ class Trainer:
                 "evaluations": self.evaluations,
                 "converged": self.converged,
                 "rho_step": self.rho_step,
+                "dead_step": self.dead_step,
             },
             "rho_means": tensors(self.rho_means),
             "ema_means": tensors(self.ema_means),
+            "dead_units": None if self.dead is None else torch.from_numpy(self.dead.astype(np.uint8)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,6 +274,9 @@ class Trainer:
         self.evaluations, self.converged, self.rho_step = meta["evaluations"], meta["converged"], meta["rho_step"]
         if state.get("ema_means") is not None:
             self.ema_means = [t.numpy().copy() for t in state["ema_means"]]
+        self.dead_step = meta.get("dead_step", -1)
+        if state.get("dead_units") is not None:
+            self.dead = state["dead_units"].numpy().astype(bool)
         if state.get("rho_means") is not None:
             self._set_rho([t.numpy().copy() for t in state["rho_means"]])
         self._cache.clear()

@@ -39,7 +39,9 @@ def make_dataset(path, x: np.ndarray, shard_rows: int, dtype: str = "float64", *
 
 def config(data=None, **overrides):
     """A local-engine float64 config with dotted overrides given as keyword args (dots as __)."""
-    items = {"workers.engine": "local", "compute.dtype": "float64", "run.quiet": True, "run.report": False}
+    # One torch thread: local runs then sum exactly as Ray workers (1 thread each) do, and stay fast
+    # while other test processes share the cores.
+    items = {"workers.engine": "local", "compute.dtype": "float64", "compute.threads": 1, "run.quiet": True, "run.report": False}
     if data is not None:
         items["data.path"] = str(data)
     items.update({k.replace("__", "."): v for k, v in overrides.items()})
