@@ -17,33 +17,20 @@ from dist_sae.engine import bind_dataset, local_problem
 from util import config, make_dataset, smooth_patches
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
-from dist_sae.cluster import runtime  # noqa: E402
 from dist_sae.cluster.session import ClusterSession, WorkerSpec  # noqa: E402
+
+from raycluster import loopback_cluster  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024**2}
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    if ray.is_initialized():
-        ray.shutdown()
     temp_dir = str(tmp_path_factory.mktemp("ray"))
-    with runtime.loopback_only():
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={**NODE, "num_cpus": 2, "include_dashboard": False, "temp_dir": temp_dir},
-        )
-        gpu_node = cluster.add_node(**NODE, num_cpus=2, resources={"fake_gpu": 1})
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    try:
-        yield cluster, gpu_node
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with loopback_cluster(temp_dir, head_cpus=2, extra_nodes=({"num_cpus": 2, "resources": {"fake_gpu": 1}},)) as (cluster, nodes):
+        yield cluster, nodes[0]
 
 
 def test_two_nodes_equal_single_process(two_nodes, tmp_path):

@@ -25,36 +25,23 @@ from dist_sae.optim import Trainer
 from util import config, make_dataset, smooth_patches
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
-from dist_sae.cluster import runtime  # noqa: E402
 from dist_sae.cluster.evaluator import RayEvaluator  # noqa: E402
 from dist_sae.cluster.session import ClusterSession, WorkerSpec  # noqa: E402
 
+from raycluster import NODE, loopback_cluster  # noqa: E402
+
 pytestmark = pytest.mark.ray
 
-NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024**2}
 STEPS = 3  # L-BFGS steps per trial
 TRIALS = 10
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if ray.is_initialized():
-        ray.shutdown()
-    temp_dir = str(tmp_path_factory.mktemp("ray"))
-    with runtime.loopback_only():
-        cluster = Cluster(
-            initialize_head=True,
-            # Logical CPUs (bookkeeping): room for two sessions' workers and their replacements.
-            head_node_args={**NODE, "num_cpus": 8, "include_dashboard": False, "temp_dir": temp_dir},
-        )
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    try:
+    # Logical CPUs (bookkeeping): room for two sessions' workers and their replacements.
+    with loopback_cluster(str(tmp_path_factory.mktemp("ray")), head_cpus=8) as (cluster, _):
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
