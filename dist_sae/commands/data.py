@@ -30,16 +30,21 @@ def _preprocessing_args(p: argparse.ArgumentParser, notes_default: str | None = 
     g.add_argument("--address", help="Ray cluster to join for the statistics ('auto' or HOST:PORT); implies --ray")
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
+def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
+    """Where and how the new dataset is written; `data transform` takes OUT as a positional and
+    keeps the input's dtype by default."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="dataset folder to create (appears only when complete)")
+    if not transform:
+        g.add_argument("--out", required=True, help="dataset folder to create (appears only when complete)")
     size = g.add_mutually_exclusive_group()
-    size.add_argument("--shards", type=int, help="number of shards (sources with a known row count)")
+    if not transform:
+        size.add_argument("--shards", type=int, help="number of shards (sources with a known row count)")
     size.add_argument("--shard-rows", type=int, help="rows per shard")
     size.add_argument("--shard-size", help="bytes per shard, e.g. 256MB (the default)")
     g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
     g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default none)")
-    g.add_argument("--dtype", choices=["float32", "float64", "float16"], help="stored dtype (default: float32, float64 for float64 input)")
+    dtype_default = "the input's" if transform else "float32, float64 for float64 input"
+    g.add_argument("--dtype", choices=["float32", "float64", "float16"], help=f"stored dtype (default: {dtype_default})")
     g.add_argument("--block-rows", type=int, help="rows streamed at a time (default: ~32 MB)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder once the new one is complete")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -73,15 +78,7 @@ def register(sub) -> None:
     p.add_argument("input", help="dataset folder to read")
     p.add_argument("out_pos", nargs="?", metavar="OUT", help="dataset folder to create (or --out)")
     p.add_argument("--out", dest="out", help=argparse.SUPPRESS)
-    g = p.add_argument_group("output")
-    g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MB shards)")
-    g.add_argument("--shard-size", help="bytes per shard, e.g. 256MB")
-    g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
-    g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression")
-    g.add_argument("--dtype", choices=["float32", "float64", "float16"], help="stored dtype (default: the input's)")
-    g.add_argument("--block-rows", type=int, help="rows streamed at a time")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder once complete")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _output_args(p, transform=True)
     _preprocessing_args(p)
     p.set_defaults(handler=cmd_transform)
 
