@@ -358,6 +358,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return from_dict(tree, source)
 
 
+def config_from_args(config: str | Path | None, overrides: list[str], **set_keys: Any) -> Config:
+    """Config file + `key=value` overrides + explicit keys (e.g. from CLI flags, dotted names), validated."""
+    extra = [f"{k}={json.dumps(v)}" for k, v in set_keys.items() if v is not None]
+    return load_config(config, list(overrides) + extra)
+
+
 def describe_keys() -> list[tuple[str, str, str]]:
     """(dotted key, default, docstring) for every field: the CLI's help on config keys."""
     rows = []

@@ -326,6 +326,7 @@ def handwritten_block(
     penalised = {layer: i for i, layer in enumerate(obj.layers)}
     l1 = torch.zeros((), dtype=x.dtype, device=x.device)
     extra: Sums = {}
+    stacked: torch.Tensor | None = None  # one-pass: [δ1 | f′(z1)] (B, 2 h1), made at layer 2, used at layer 1
     for layer in range(L, 0, -1):
         h_prev = acts[layer - 1]
         grad_w, grad_b = model.param(f"W{layer}", grad), model.param(f"b{layer}", grad)

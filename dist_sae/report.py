@@ -28,7 +28,7 @@ import numpy as np
 from . import viz
 from .data import BlockReader, Dataset, WorkUnit
 from .engine import inherited_transform, input_transform
-from .errors import DataError, DistSaeError
+from .errors import DataError
 from .model import CONFIG_FILE, MODEL_FILE, load_model
 from .objective import Objective
 
