@@ -50,6 +50,20 @@ def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _writer_kwargs(args) -> dict:
+    """The keywords of prep.build / prep.transform_dataset that _output_args' flags set."""
+    return {
+        "shard_rows": args.shard_rows,
+        "shard_bytes": args.shard_size,
+        "block_rows": args.block_rows,
+        "dtype": args.dtype,
+        "chunk_rows": args.chunk_rows,
+        "compression": args.compression,
+        "overwrite": args.overwrite,
+        "quiet": args.quiet,
+    }
+
+
 def register(sub) -> None:
     data = sub.add_parser("data", help="build, transform, check and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -153,16 +167,9 @@ def cmd_build(args) -> int:
         source,
         args.out,
         _specs(args),
-        shard_rows=args.shard_rows,
         shards=args.shards,
-        shard_bytes=args.shard_size,
-        block_rows=args.block_rows,
-        dtype=args.dtype,
-        chunk_rows=args.chunk_rows,
-        compression=args.compression,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
         stats=_stats(args),
+        **_writer_kwargs(args),
     )
     _summary(ds)
     if source.skipped:
@@ -181,14 +188,7 @@ def cmd_transform(args) -> int:
         out,
         _specs(args),
         stats=_stats(args),
-        block_rows=args.block_rows,
-        shard_rows=args.shard_rows,
-        shard_bytes=args.shard_size,
-        dtype=args.dtype,
-        chunk_rows=args.chunk_rows,
-        compression=args.compression,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
+        **_writer_kwargs(args),
     )
     _summary(ds)
     return 0
