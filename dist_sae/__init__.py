@@ -5,13 +5,13 @@ __version__ = "0.1.0"
 
 def load(run_dir, **kwargs):
     """The trained torch module of a run directory; its config is `module.config`."""
-    from .api import load as _load
+    from dist_sae.api import load as _load
 
     return _load(run_dir, **kwargs)
 
 
 def train(cfg, **kwargs):
     """Train as configured (see dist_sae.api.train)."""
-    from .api import train as _train
+    from dist_sae.api import train as _train
 
     return _train(cfg, **kwargs)

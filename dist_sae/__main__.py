@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from dist_sae.commands.main import main
 
 sys.exit(main())

@@ -7,59 +7,26 @@ and workers on a Ray cluster; a local one bound to 127.0.0.1 is started when no 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, step_or_roll_back
-from .config import Config, config_from_args, load_config
-from .data import Dataset
-from .engine import bind_dataset, inherited_transform, local_problem, minibatches
-from .errors import CheckpointError, ConfigError, DistSaeError
-from .model import CONFIG_FILE, SparseAutoencoder, load_model, load_weights_into
-from .objective import Evaluation
-from .optim import Trainer
-from .runloop import (  # the run-dir helpers are part of the API (see __all__)
-    METRICS_FILE,
-    SUMMARY_FILE,
-    Stepper,
-    TrainResult,
-    _check_resume,
-    _loop,
-    check_run_dir,
-    config_changes,
-    prepare_run_dir,
-    resume_config,
-    truncate_metrics,
-)
+from dist_sae.train.checkpoint import latest_checkpoint
+from dist_sae.config import Config, load_config
+from dist_sae.data.dataset import Dataset
+from dist_sae.train.inputs import bind_dataset, inherited_transform
+from dist_sae.train.passes import local_problem
+from dist_sae.errors import CheckpointError, ConfigError
+from dist_sae.sae.model import CONFIG_FILE, SparseAutoencoder, load_model
+from dist_sae.sae.objective import Evaluation
+from dist_sae.train.rundir import METRICS_FILE
+from dist_sae.train.loop import TrainResult, _loop
+from dist_sae.train.rundir import _check_resume, check_run_dir, prepare_run_dir, truncate_metrics
+from dist_sae.session import initial_theta, open_session
+from dist_sae import progress
 
 log = logging.getLogger(__name__)
-
-def initial_theta(cfg: Config, init: str | Path | None) -> np.ndarray:
-    model = SparseAutoencoder.from_config(cfg)
-    if init is not None:
-        load_weights_into(model, init)
-    else:
-        model.reset_parameters(cfg.run.seed)
-    return model.theta.detach().numpy().copy()
-
-
-def pass_progress(cfg: Config):
-    """A factory (kind, rows) -> tqdm bar of one pass (rows/s, ETA), under the step bar; None when quiet.
-
-    Bars appear only for passes longer than half a second, so quick passes do not flicker.
-    """
-    if cfg.run.quiet or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    def bar(kind: str, rows: int):
-        return tqdm(total=rows, desc=kind, unit="row", unit_scale=True, leave=False, position=1, delay=0.5, dynamic_ncols=True)
-
-    return bar
 
 
 def train(
@@ -109,7 +76,7 @@ def train(
         cfg.save(run_dir / CONFIG_FILE)
         tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
         if hasattr(session.problem.evaluator, "progress"):
-            session.problem.evaluator.progress = pass_progress(cfg)
+            session.problem.evaluator.progress = progress.pass_bars(cfg.run.quiet)
         stepper = session.stepper(theta0)
         if checkpoint is not None:
             stepper.load_state_dict(checkpoint[0])
@@ -139,7 +106,7 @@ def _tensorboard_class(cfg: Config):
 
 def _write_report(run_dir: Path, problem) -> None:
     """The end-of-training report; a failure here is logged, never loses the trained model."""
-    from .report import write_report
+    from dist_sae.report.report import write_report
 
     try:
         page = write_report(run_dir, problem=problem).page
@@ -147,59 +114,6 @@ def _write_report(run_dir: Path, problem) -> None:
     except Exception as exc:  # the model is already saved; say how to retry
         log.warning("the report could not be written (%s: %s); retry with `dist-sae report %s`", type(exc).__name__, exc, run_dir,
                     exc_info=log.isEnabledFor(logging.DEBUG))
-
-
-class LocalStepper:
-    """A Trainer whose steps are all or nothing (checkpoint.step_or_roll_back), like the remote one's.
-
-    Anything else (theta, epoch, ...) is the trainer's.
-    """
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    @property
-    def converged(self) -> bool:
-        return self.trainer.converged
-
-    def step(self) -> dict[str, Any]:
-        return step_or_roll_back(self.trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.trainer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trainer.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.trainer, name)
-
-
-class LocalSession:
-    """Passes in this process. Sessions give `problem` (exact evaluations) and `stepper(theta0)`."""
-
-    num_workers = 1
-
-    def __init__(self, cfg: Config, dataset: Dataset) -> None:
-        self.cfg, self.dataset = cfg, dataset
-        self.problem = local_problem(cfg, dataset)
-
-    def stepper(self, theta0: np.ndarray) -> LocalStepper:
-        parts = self.cfg.optim.batch_parts or self.num_workers
-        batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
-        return LocalStepper(Trainer(self.cfg, self.problem, theta0, batches))
-
-    def close(self) -> None:
-        self.problem.evaluator.close()
-
-
-def open_session(cfg: Config, dataset: Dataset):
-    """A LocalSession, or a Ray ClusterSession (same interface) by workers.engine."""
-    if cfg.workers.engine == "local":
-        return LocalSession(cfg, dataset)
-    from .cluster.session import ClusterSession  # the only place the API reaches Ray
-
-    return ClusterSession(cfg, dataset)
 
 
 def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = None) -> tuple[Evaluation, Config]:
@@ -261,9 +175,6 @@ def load(run_dir: str | Path, dtype: torch.dtype = torch.float64) -> SparseAutoe
     return model.eval()
 
 
-
-
-
 def evaluate_at_init(data: str | Path, overrides: list[str] | None = None) -> Evaluation:
     """Exact J and ∇J at the seeded initialisation of the configured model (benchmarks, checks)."""
     cfg = load_config(None, list(overrides or []) + [f"data.path={data}"])
@@ -274,10 +185,3 @@ def evaluate_at_init(data: str | Path, overrides: list[str] | None = None) -> Ev
         return session.problem.evaluate(initial_theta(cfg, None))
     finally:
         session.close()
-
-
-__all__ = [
-    "train", "evaluate", "gradcheck", "load", "evaluate_at_init", "initial_theta", "open_session", "LocalSession",
-    "TrainResult", "Stepper", "DistSaeError", "config_from_args", "config_changes", "check_run_dir", "prepare_run_dir",
-    "resume_config", "truncate_metrics", "METRICS_FILE", "SUMMARY_FILE",
-]

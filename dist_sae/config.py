@@ -1,7 +1,7 @@
 """One typed config tree for every run: model, loss, sparsity, optim, data, compute, workers, run.
 
-Each field carries a docstring; those docstrings are the CLI's `--help` text (`dist-sae config
---help-keys`). The tree is validated before any work starts, loaded from YAML (or JSON) and
+Each field carries a docstring; those docstrings are the CLI's `--help` text (`dist-sae train
+--help` lists every key with its default). The tree is validated before any work starts, loaded from YAML (or JSON) and
 overridden by dotted `key=value` arguments, and saved beside every result as `config.json`.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
+from dist_sae.errors import ConfigError
 
 Activation = Literal["sigmoid", "tanh", "satlin", "relu", "linear"]
 # Activations whose values lie in [0, 1] (or [-1, 1] mapped by (1 + a) / 2): KL is defined.
@@ -159,7 +159,7 @@ class DataConfig(Section):
     block_rows: int = Field(default=16384, ge=1)
     """Rows per work unit: memory per worker is bounded by this, not by shard or dataset size."""
     prefetch: int = Field(default=2, ge=0)
-    """Blocks read ahead in a background thread while the current one is computed; 0 reads inline."""
+    """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local); 0 reads inline. Ray workers read one unit ahead by having two units in flight."""
     cache_mb: int = Field(default=512, ge=0)
     """Keep blocks a worker has read (converted to the compute dtype, on its device) for later passes, up to this many MB per worker; repeated L-BFGS passes over data that fits then skip HDF5. 0: always stream."""
     transform: str | None = None

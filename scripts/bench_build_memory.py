@@ -28,8 +28,8 @@ DIM = 256  # features per row: 1 KiB rows in float32
 
 def child(case: str, rows: int, work: Path) -> None:
     """Run one build in this process (invoked as a subprocess)."""
-    from dist_sae import prep
-    from dist_sae.transforms import StepSpec
+    from dist_sae.data import build as prep
+    from dist_sae.data.transforms import StepSpec
 
     out = work / f"{case}-{rows}"
     if case == "baseline":  # imports only: what the interpreter and libraries cost
@@ -68,7 +68,7 @@ def measure(case: str, rows: int, work: Path) -> None:
 
 
 def parse_size(text: str) -> int:
-    from dist_sae.prep import parse_size as ps
+    from dist_sae.data.build import parse_size as ps
 
     return ps(text)
 

@@ -55,7 +55,7 @@ def top_energy(tile: np.ndarray, k: int = 8) -> float:
 
 def measure(w1: np.ndarray, shape: tuple[int, int]) -> dict:
     """Summary statistics of the edge measures over the units of W1 (hidden, visible)."""
-    from dist_sae.viz import max_activating_inputs
+    from dist_sae.report.viz import max_activating_inputs
 
     tiles = max_activating_inputs(w1).reshape(-1, *shape)
     osi = np.array([orientation_selectivity(t) for t in tiles])
@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    from dist_sae.data import Dataset
-    from dist_sae.model import SparseAutoencoder, load_model
+    from dist_sae.data.dataset import Dataset
+    from dist_sae.sae.model import SparseAutoencoder, load_model
 
     result: dict = {"benchmark": "features"}
     if args.run:
         run_dir = Path(args.run)
     else:
-        from dist_sae.demo import run_demo
+        from dist_sae.apps.demo import run_demo
 
         t0 = time.perf_counter()
         demo = run_demo(args.out, patches=args.patches, steps=args.steps, local=args.local, quiet=True)

@@ -30,7 +30,7 @@ def main() -> None:
 
     from dist_sae.api import evaluate, train
     from dist_sae.config import load_config
-    from dist_sae.prep import build_digits
+    from dist_sae.data.build import build_digits
 
     common = [
         "model.hidden=[300, 30]",

@@ -30,4 +30,4 @@ cd "$repo"
 runtime_env='{"excludes": [".git", "**/__pycache__", "*.egg-info", "bench_out", "runs", "data", "*.h5"]}'
 
 exec ray job submit --address "$address" --working-dir . --runtime-env-json "$runtime_env" \
-    ${submit_args[@]+"${submit_args[@]}"} -- python -m dist_sae.cli train --address auto "$@"
+    ${submit_args[@]+"${submit_args[@]}"} -- python -m dist_sae train --address auto "$@"

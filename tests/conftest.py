@@ -39,3 +39,13 @@ def ray_session():
     finally:
         runtime.stop_local()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/cluster/ is the Ray suite: its tests carry the `ray` marker; tests/unit/ never starts Ray."""
+    for item in items:
+        parts = item.path.parts
+        if "cluster" in parts:
+            item.add_marker(pytest.mark.ray)
+        elif "unit" in parts and "ray_session" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} uses a Ray session: move it to tests/cluster/")

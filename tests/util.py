@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 from dist_sae.config import load_config
-from dist_sae.data import write_array
+from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.reader import BlockReader
+from dist_sae.data.writer import write_array
 
 
 def random_rows(rows: int, dim: int, seed: int = 0, low: float = 0.1, high: float = 0.9) -> np.ndarray:
@@ -46,3 +52,54 @@ def config(data=None, **overrides):
         items["data.path"] = str(data)
     items.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, items)
+
+
+def read_all(path) -> np.ndarray:
+    ds = Dataset.open(path)
+    with BlockReader(ds) as reader:
+        return np.concatenate([reader.read(WorkUnit(i, i, 0, s.rows)) for i, s in enumerate(ds.shards)])
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "a" and "href" in attrs:
+            self.links.append(attrs["href"])
+
+
+def check_report_links(page: Path) -> list[str]:
+    """Every image and link of the page is a relative path that exists; every image decodes. Returns the images."""
+    parser = _Links()
+    parser.feed(page.read_text())
+    assert parser.images
+    for href in parser.images + parser.links:
+        assert "://" not in href and not href.startswith("/"), f"{href} is not a relative link"
+        target = page.parent / href
+        assert target.is_file(), f"{page} links {href}, which does not exist"
+    for src in parser.images:
+        with Image.open(page.parent / src) as img:
+            img.load()  # decodes the whole file
+            assert img.size[0] > 10 and img.size[1] > 10
+    return parser.images
+
+
+def correlated(rows=3000, dim=12, seed=0) -> np.ndarray:
+    """Rows with a strongly non-diagonal covariance and a non-zero mean, float64."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((dim, dim)) * np.linspace(3, 0.2, dim)
+    return rng.standard_normal((rows, dim)) @ mix.T + rng.uniform(-2, 5, dim)
+
+
+def numpy_zca(x: np.ndarray, eps: float) -> np.ndarray:
+    """The in-memory reference (the notes: sigma = x·xᵀ/m on mean-free data)."""
+    mu = x.mean(axis=0)
+    d = x - mu
+    lam, u = np.linalg.eigh(d.T @ d / len(x))
+    return d @ (u @ np.diag(1 / np.sqrt(lam + eps)) @ u.T).T

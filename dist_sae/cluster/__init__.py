@@ -2,12 +2,12 @@
 
     runtime     start a local Ray bound to 127.0.0.1, or join a running cluster
     dispatch    on-demand work-unit dispatch and FailurePolicy: pure policies over status records (no Ray)
-    worker      Worker: a plain class that streams units through an engine.PassRunner
+    worker      Worker: a plain class that streams units through a train.passes.PassRunner
     launcher    WorkerLauncher: starts worker actors, and replacements for dead ones
     evaluator   RayEvaluator: runs a pass over the workers, reduced in unit order, surviving worker failures
-    server      ParameterServer: a plain class owning θ and the optimizer (optim.Trainer)
-    session     ClusterSession: composes the above into actors; what api.py uses
+    server      ParameterServer: a plain class owning θ and the optimizer (train.optim.Trainer)
+    ray_session ClusterSession: composes the above into actors; what dist_sae.session opens
 
-Workers and the server are plain classes, made remote only in `launcher` and `session`, so they
+Workers and the server are plain classes, made remote only in `launcher` and `ray_session`, so they
 can be tested without Ray.
 """

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..config import Config
-from ..data import PASS_MIN_UNITS, Dataset, WorkUnit
-from ..engine import PASS_KINDS
-from ..errors import TrainingError
-from ..objective import OrderedReducer, Sums
-from . import runtime
-from .dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
+from dist_sae.config import Config
+from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
+from dist_sae.train.passes import PASS_KINDS
+from dist_sae.errors import TrainingError
+from dist_sae.sae.sums import OrderedReducer, Sums
+from dist_sae.cluster import runtime
+from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class RayEvaluator:
                 try:
                     result = ray.get(ref)
                 except WORKER_LOST as exc:
-                    self._failed(w, f"it was lost while running work unit {uid} ({runtime.first_line(exc)})", dispatcher, pending)
+                    self._failed(w, f"it was lost while running work unit {uid} ({runtime.last_line(exc)})", dispatcher, pending)
                     continue
                 except ray.exceptions.RayError as exc:
                     raise runtime.library_error(exc, f"work unit {uid} on worker {w}") from None
@@ -226,7 +226,7 @@ class RayEvaluator:
                 self._restart(worker, new_actor=True)  # Ray will not bring it back: start a new actor
                 return
             status = dispatcher.workers.get(worker) or WorkerStatus(worker, alive=False)
-            self._count_failure(status, f"its replacement did not start ({runtime.first_line(exc)})", [])
+            self._count_failure(status, f"its replacement did not start ({runtime.last_line(exc)})", [])
             self._restart(worker, new_actor=True)
             return
         del self._down[worker]

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import from_dict
-from . import runtime
-from .worker import Worker, worker_threads
+from dist_sae.config import from_dict
+from dist_sae.cluster import runtime
+from dist_sae.cluster.worker import Worker, worker_threads
 
 
 def worker_name(index: int, generation: int = 0) -> str:

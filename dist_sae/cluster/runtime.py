@@ -20,8 +20,8 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from ..config import WorkersConfig
-from ..errors import ConfigError, DistSaeError, TrainingError
+from dist_sae.config import WorkersConfig
+from dist_sae.errors import ConfigError, DistSaeError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,14 @@ def library_error(exc: BaseException, what: str) -> BaseException:
     if isinstance(cause, DistSaeError):
         return cause
     if isinstance(exc, ray.exceptions.RayActorError):
-        return TrainingError(f"{what}: a Ray actor died ({_first_line(cause)})")
+        return TrainingError(f"{what}: a Ray actor died ({last_line(cause)})")
     if isinstance(exc, ray.exceptions.GetTimeoutError):
-        return TrainingError(f"{what}: timed out ({_first_line(exc)}); raise workers.unit_timeout_s if units are that slow")
-    return TrainingError(f"{what} failed: {type(cause).__name__}: {_first_line(cause)}")
+        return TrainingError(f"{what}: timed out ({last_line(exc)}); raise workers.unit_timeout_s if units are that slow")
+    return TrainingError(f"{what} failed: {type(cause).__name__}: {last_line(cause)}")
 
 
-def first_line(exc: BaseException) -> str:
+def last_line(exc: BaseException) -> str:
     """The last non-empty line of an error's text (Ray puts the cause last), for one-line messages."""
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import step_or_roll_back
-from ..config import from_dict
-from ..data import Dataset, WorkUnit
-from ..engine import PassProblem
-from ..optim import Trainer
-from .evaluator import RayEvaluator
+from dist_sae.train.checkpoint import AtomicStepper
+from dist_sae.config import from_dict
+from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.train.passes import PassProblem
+from dist_sae.train.optim import Trainer
+from dist_sae.cluster.evaluator import RayEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ParameterServer:
         dataset = Dataset.open(dataset_path, verify_shards=False)
         self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)
         self.problem = PassProblem(self.evaluator, cfg)
-        self.trainer = Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches)
+        self.stepper = AtomicStepper(Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches))
 
     def step(self) -> tuple[dict[str, Any], bool]:
         """One optimizer step: (its metrics, converged).
@@ -57,25 +57,25 @@ class ParameterServer:
         A step that fails (workers lost past workers.max_restarts, non-finite J) leaves the trainer
         as it was before the step, so state_dict() is the last completed step's, fit to checkpoint.
         """
-        metrics = step_or_roll_back(self.trainer)
-        return metrics, self.trainer.converged
+        metrics = self.stepper.step()
+        return metrics, self.stepper.converged
 
     def converged(self) -> bool:
-        return self.trainer.converged
+        return self.stepper.converged
 
     def state_dict(self) -> dict[str, Any]:
-        return self.trainer.state_dict()
+        return self.stepper.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
-        self.trainer.load_state_dict(state)
-        return self.trainer.converged
+        self.stepper.load_state_dict(state)
+        return self.stepper.converged
 
     def theta(self) -> np.ndarray:
-        return self.trainer.theta.detach().numpy().copy()
+        return self.stepper.theta()
 
     def node_id(self) -> str | None:
         """The Ray node the server runs on (the driver's, by the session's placement)."""
-        from .worker import _node_id
+        from dist_sae.cluster.worker import _node_id
 
         return _node_id()
 

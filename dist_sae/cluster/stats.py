@@ -1,4 +1,4 @@
-"""The out-of-core statistics passes of dist_sae.transforms, run as Ray tasks over work units.
+"""The out-of-core statistics passes of dist_sae.data.transforms, run as Ray tasks over work units.
 
 Each task reads one unit of the dataset, applies the steps fitted so far, and returns the float64
 partial sums of `transforms.unit_sums`; the driver adds them in unit order with
@@ -11,11 +11,12 @@ from __future__ import annotations
 import ray
 import ray.exceptions
 
-from ..config import WorkersConfig
-from ..errors import DataError, DistSaeError
-from ..data import BlockReader, Dataset, WorkUnit
-from ..transforms import SumsFn, Transform, reduce_sums, unit_sums
-from .runtime import connect
+from dist_sae.config import WorkersConfig
+from dist_sae.errors import DataError, DistSaeError
+from dist_sae.data.reader import BlockReader
+from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.transforms import SumsFn, Transform, reduce_sums, unit_sums
+from dist_sae.cluster.runtime import connect
 
 
 def unit_partial_sums(dataset_dir: str, unit: WorkUnit, kind: str, center, pre: Transform) -> dict:

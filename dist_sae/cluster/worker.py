@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import from_dict
-from ..data import WorkUnit
-from ..engine import PassRunner, resolve_device
-from ..objective import Sums
+from dist_sae.config import from_dict
+from dist_sae.data.dataset import WorkUnit
+from dist_sae.train.passes import PassRunner
+from dist_sae.train.inputs import resolve_device
+from dist_sae.sae.sums import Sums
 
 log = logging.getLogger(__name__)
 

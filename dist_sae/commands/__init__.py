@@ -2,7 +2,7 @@
 
 import argparse
 
-from ..config import describe_keys
+from dist_sae.config import describe_keys
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import compare as compare_mod
+from dist_sae.apps import compare as compare_mod
 
 
 def register(sub) -> None:

@@ -1,12 +1,12 @@
-"""`dist-sae data build | transform | check | info`: thin shells over dist_sae.prep and dist_sae.check."""
+"""`dist-sae data build | transform | check | info`: thin shells over dist_sae.data.build and dist_sae.data.check."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from ..errors import DataError
+from dist_sae.errors import DataError
+from dist_sae import progress
 
 SOURCE_HELP = """sources:
   npy        INPUT is a .npy or .npz array (rows first), memory-mapped
@@ -112,7 +112,7 @@ def register(sub) -> None:
 
 
 def _specs(args) -> list:
-    from ..transforms import StepSpec
+    from dist_sae.data.transforms import StepSpec
 
     specs = []
     if args.normalize == "notes":
@@ -131,38 +131,41 @@ def _specs(args) -> list:
 def _stats(args):
     if not (args.ray or args.address):
         return None
-    from ..cluster.stats import ray_sums_fn
+    from dist_sae.cluster.stats import ray_sums_fn
 
     return lambda dataset, block_rows: ray_sums_fn(dataset, block_rows, address=args.address)
 
 
+def _image_size(args) -> tuple[int, int] | None:
+    if not args.size:
+        return None
+    if len(args.size) > 2:
+        raise DataError("--size takes H or H W")
+    return (args.size[0], args.size[-1])
+
+
+# How each --from source is made from the flags: keyword arguments of its class in build.SOURCES.
+SOURCE_ARGS = {
+    "npy": lambda a: {"path": a.input},
+    "idx": lambda a: {"path": a.input, "scale": not a.no_scale},
+    "images": lambda a: {"folder": a.input, "mode": a.mode, "size": _image_size(a), "fit": a.fit},
+    "patches": lambda a: {"images": a.input, "patch": a.patch, "count": a.count, "seed": a.seed, "whiten": not a.no_whiten},
+    "digits": lambda a: {"size": a.size[0] if a.size else 8},
+    "synthetic": lambda a: {"rows": int(a.rows), "dim": a.dim, "seed": a.seed, "atoms": a.atoms, "active": a.active},
+}
+
+
 def cmd_build(args) -> int:
-    from .. import patches, prep, sources
+    from dist_sae.data import build as prep
 
     kind = args.source
     if kind in ("npy", "idx", "images") and not args.input:
         raise DataError(f"--from {kind} needs an INPUT {'folder' if kind == 'images' else 'file'}")
+    if kind == "synthetic" and not args.rows:
+        raise DataError("--from synthetic needs --rows N")
     if kind == "patches" and args.normalize is None:
         args.normalize = "notes"
-    if kind == "npy":
-        source = sources.NpySource(args.input)
-    elif kind == "idx":
-        source = sources.IdxSource(args.input, scale=not args.no_scale)
-    elif kind == "images":
-        size = None
-        if args.size:
-            size = (args.size[0], args.size[-1]) if len(args.size) <= 2 else None
-            if size is None:
-                raise DataError("--size takes H or H W")
-        source = sources.ImageFolderSource(args.input, args.mode, size, args.fit)
-    elif kind == "patches":
-        source = patches.PatchSource(args.input, args.patch, args.count, args.seed, whiten=not args.no_whiten)
-    elif kind == "digits":
-        source = sources.DigitsSource(args.size[0] if args.size else 8)
-    else:
-        if not args.rows:
-            raise DataError("--from synthetic needs --rows N")
-        source = sources.SyntheticSource(int(args.rows), args.dim, args.seed, args.atoms, args.active)
+    source = prep.SOURCES[kind](**SOURCE_ARGS[kind](args))
     ds = prep.build(
         source,
         args.out,
@@ -178,7 +181,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_transform(args) -> int:
-    from .. import prep
+    from dist_sae.data import build as prep
 
     out = args.out or args.out_pos
     if not out:
@@ -201,11 +204,9 @@ def _summary(ds) -> None:
 
 
 def cmd_check(args) -> int:
-    from tqdm import tqdm
+    from dist_sae.data.check import check_dataset
 
-    from ..check import check_dataset
-
-    bar = tqdm(unit="row", unit_scale=True, disable=args.quiet or not sys.stderr.isatty(), leave=False, file=sys.stderr)
+    bar = progress.bar(None, "check", quiet=args.quiet, leave=False)
     try:
         problems = check_dataset(args.dir, progress=bar.update)
     finally:
@@ -222,7 +223,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..check import dataset_info, human_bytes, is_image_shape, sample_grid
+    from dist_sae.data.check import dataset_info, human_bytes, is_image_shape, sample_grid
 
     info = dataset_info(args.dir, max_rows=args.max_rows)
     if args.png:

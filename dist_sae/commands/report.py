@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import demo as demo_mod
+from dist_sae.apps import demo as demo_mod
 
 
 def register(sub) -> None:
@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from ..report import write_report
+    from dist_sae.report.report import write_report
 
     rep = write_report(args.run_dir, data=args.data, local=args.local, samples=args.samples, exact_rho=not args.no_pass)
     for note in rep.notes:
@@ -73,7 +73,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_transform(args) -> int:
-    from ..encode import transform_dataset
+    from dist_sae.apps.encode import transform_dataset
 
     result = transform_dataset(
         args.model, args.data, args.out, kind=args.kind, layer=getattr(args, "layer", None), local=args.local,

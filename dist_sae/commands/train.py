@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .. import api
-from ..errors import ConfigError
-from ..model import MODEL_FILE
-from . import add_overrides, config_help
+from dist_sae import api
+from dist_sae.config import config_from_args
+from dist_sae.train.rundir import resume_config
+from dist_sae.errors import ConfigError
+from dist_sae.sae.model import MODEL_FILE
+from dist_sae.commands import add_overrides, config_help
 
 
 def register(sub) -> None:
@@ -80,9 +82,9 @@ def cmd_train(args) -> int:
     resume = args.resume is not None
     if resume:
         run_dir, overrides = _resume_target(args)
-        cfg = api.resume_config(run_dir, args.config, overrides, **flags)
+        cfg = resume_config(run_dir, args.config, overrides, **flags)
     else:
-        cfg = api.config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
+        cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
     result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
     final = result.final
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: J={final.get('J', float('nan')):.6g}")
@@ -104,7 +106,7 @@ def cmd_evaluate(args) -> int:
         from safetensors.torch import save_file
         import torch
 
-        from ..model import SparseAutoencoder
+        from dist_sae.sae.model import SparseAutoencoder
 
         layout = SparseAutoencoder.from_config(cfg)
         grads = layout.split(torch.from_numpy(ev.grad))
@@ -121,13 +123,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
-    cfg = api.config_from_args(args.config, args.overrides, **{"data.path": args.data})
+    cfg = config_from_args(args.config, args.overrides, **{"data.path": args.data})
     result = api.gradcheck(cfg, epsilon=args.epsilon, coords=args.coords, init=args.init)
     print(f"‖num−ana‖/‖num+ana‖ = {result['relative_error']:.3e} over {result['coords']} of {result['params']} parameters")
     return 0 if result["relative_error"] < 1e-9 else 1
 
 
 def cmd_config(args) -> int:
-    cfg = api.config_from_args(args.config, args.overrides)
+    cfg = config_from_args(args.config, args.overrides)
     print(json.dumps(cfg.model_dump(), indent=2))
     return 0

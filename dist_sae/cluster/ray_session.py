@@ -1,0 +1,205 @@
+"""ClusterSession: the Ray counterpart of session.LocalSession (same interface).
+
+Builds the worker actors (one per CPU slot or GPU), a driver-side PassProblem over a RayEvaluator
+(for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
+driven through a thin proxy. Actors are named `dist_sae.ParameterServer` and `dist_sae.worker-N`
+in a namespace unique to the run, so `ray list actors` and the dashboard show them and two runs
+on one cluster do not clash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from dist_sae.config import Config, WorkersConfig
+from dist_sae.data.dataset import Dataset
+from dist_sae.train.passes import PassProblem, minibatches
+from dist_sae.errors import ConfigError, TrainingError
+from dist_sae.cluster import runtime
+from dist_sae.cluster.evaluator import RayEvaluator
+from dist_sae.cluster.launcher import WorkerLauncher, WorkerSpec
+from dist_sae.cluster.server import ParameterServer
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = f"{runtime.ACTOR_PREFIX}.ParameterServer"
+
+
+def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
+    """workers.num, else one per GPU share (gpus_per_worker > 0) or per CPU share of the cluster."""
+    if workers.num:
+        return workers.num
+    if workers.gpus_per_worker > 0:
+        return max(1, int(resources.get("GPU", 0.0) // workers.gpus_per_worker))
+    return max(1, int(resources.get("CPU", 0.0) // workers.cpus_per_worker))
+
+
+def check_placement(cfg: Config, resources: dict[str, float]) -> None:
+    """Fail before any work starts when the run asks for GPUs the cluster does not have.
+
+    Raises:
+        ConfigError: naming the setting and what to change.
+    """
+    w = cfg.workers
+    gpus = resources.get("GPU", 0.0)
+    if w.gpus_per_worker > 0 and gpus < w.gpus_per_worker:
+        raise ConfigError(
+            f"workers.gpus_per_worker={w.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPU(s); "
+            "set workers.gpus_per_worker=0 to compute on CPUs, or add GPU nodes to the cluster"
+        )
+    if cfg.compute.device == "cuda" and w.gpus_per_worker <= 0:
+        raise ConfigError(
+            "compute.device=cuda on Ray needs workers.gpus_per_worker > 0 (Ray hides GPUs from workers that reserve none); "
+            "set workers.gpus_per_worker=1, or compute.device=auto"
+        )
+
+
+class RemoteStepper:
+    """The train.loop.Stepper interface over a ParameterServer actor: each call is one round trip."""
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self.converged = bool(runtime.get(server.converged.remote(), "starting the parameter server"))
+
+    def step(self) -> dict[str, Any]:
+        metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return runtime.get(self._server.state_dict.remote(), "reading the trainer state")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.converged = bool(runtime.get(self._server.load_state_dict.remote(state), "loading the trainer state"))
+
+    def theta(self) -> np.ndarray:
+        return runtime.get(self._server.theta.remote(), "reading θ")
+
+    def last_counts(self) -> dict[int, int]:
+        return runtime.get(self._server.last_counts.remote(), "reading the unit counts")
+
+
+class ClusterSession:
+    """Passes on Ray workers; `problem` evaluates from the driver, `stepper` trains on a server actor.
+
+    Args:
+        cfg: the run's config (model.visible set, as session.open_session gets it).
+        dataset: the opened dataset; its folder must be reachable from every node.
+        worker_specs: one WorkerSpec per worker to place them by hand (overrides workers.num).
+        dashboard: start the dashboard (on 127.0.0.1) with a new local Ray.
+    """
+
+    def __init__(self, cfg: Config, dataset: Dataset, worker_specs: list[WorkerSpec] | None = None, dashboard: bool = True) -> None:
+        self.cfg, self.dataset = cfg, dataset
+        self.workers: list[Any] = []
+        self.server: Any = None
+        self.worker_info: list[dict[str, Any]] = []
+        # Actors may run in another working directory (a Ray job's): give them an absolute path.
+        self.dataset_path = str(Path(dataset.path).resolve())
+        self._config = cfg.with_overrides({"data.path": self.dataset_path}).model_dump()
+        requested = len(worker_specs) if worker_specs else cfg.workers.num
+        self._ray = runtime.connect(cfg.workers, dashboard=dashboard, num_cpus=_local_cpus(requested, cfg.workers))
+        try:
+            resources = ray.cluster_resources()
+            check_placement(cfg, resources)
+            specs = worker_specs or [WorkerSpec() for _ in range(worker_count(cfg.workers, resources))]
+            self.namespace = runtime.run_namespace()
+            self.launcher = WorkerLauncher(self._config, self.dataset_path, self.namespace, list(specs))
+            self.workers = [self.launcher.start(i) for i in range(len(specs))]
+            # Surfaces constructor errors (no GPU, unreadable data) before any work is sent.
+            self.worker_info = runtime.get(
+                [w.info.remote() for w in self.workers], "starting the workers", timeout=cfg.workers.unit_timeout_s
+            )
+            log.info("%d Ray workers in namespace %s: %s", len(self.workers), self.namespace,
+                     ", ".join(f"{i['device']}@{i['host']}" for i in self.worker_info))
+            # The evaluator shares self.workers: a worker it replaces is the session's (close kills it).
+            self.problem = PassProblem(RayEvaluator(cfg, dataset, self.workers, launcher=self.launcher), cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    def stepper(self, theta0: np.ndarray) -> RemoteStepper:
+        """A trainer on a ParameterServer actor on the driver's node, starting from θ0."""
+        parts = self.cfg.optim.batch_parts or self.num_workers
+        batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
+        if self.server is not None:
+            ray.kill(self.server)
+            self.server = None
+            _wait_until_unnamed(SERVER_NAME, self.namespace)
+        self.server = (
+            ray.remote(ParameterServer)
+            .options(
+                name=SERVER_NAME,
+                namespace=self.namespace,
+                num_cpus=0,  # it only adds sums and steps; the CPU slots are the workers'
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.driver_node_id(), soft=False),
+            )
+            .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
+        )
+        return RemoteStepper(self.server)
+
+    def close(self) -> None:
+        """Kill the actors this session made; shut Ray down only if this session started it.
+
+        A session that joined a running cluster disconnects from it; one that found this process
+        already connected leaves the connection alone.
+        """
+        actors = ([self.server] if self.server is not None else []) + list(self.workers)
+        actors += _named_actors(getattr(self, "namespace", None))  # replacements started by the server
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead, or Ray is gone
+                pass
+        self.server = None
+        self.workers[:] = []
+        if self._ray in ("started", "joined"):
+            runtime.stop_local()
+            self._ray = "closed"
+
+
+def _named_actors(namespace: str | None) -> list[Any]:
+    """Handles of the live named actors of a run's namespace (empty when Ray is gone)."""
+    if namespace is None or not ray.is_initialized():
+        return []
+    handles = []
+    try:
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == namespace:
+                try:
+                    handles.append(ray.get_actor(entry["name"], namespace=namespace))
+                except ValueError:  # gone meanwhile
+                    pass
+    except Exception:  # Ray is shutting down
+        return []
+    return handles
+
+
+def _wait_until_unnamed(name: str, namespace: str, timeout_s: float = 30.0) -> None:
+    """Wait until a killed actor's name is free again (ray.kill returns before it is)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise TrainingError(f"the Ray actor {namespace}/{name} did not go away within {timeout_s:g}s after it was killed")
+
+
+def _local_cpus(requested: int, workers: WorkersConfig) -> int | None:
+    """CPUs a new local Ray advertises: the machine's, or enough for the workers asked for."""
+    if not requested:
+        return None
+    return max(os.cpu_count() or 1, int(np.ceil(requested * workers.cpus_per_worker)))

@@ -1,0 +1,48 @@
+"""`dist-sae`: a thin command-line shell over the Python API.
+
+Each command group lives in `dist_sae/commands/<name>.py` with `register(subparsers)`; the
+handlers parse flags, call the API, and print the command's own output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dist_sae.errors import DistSaeError
+
+# Command modules, in the order `--help` lists them.
+COMMAND_MODULES = ("train", "data", "report", "compare", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-sae", description="Distributed, out-of-core sparse autoencoders with the exact dataset-wide KL penalty.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dist_sae.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except DistSaeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # errors.Interrupted says where it stopped and how to resume
+        print(str(exc) or "interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Reading work units from a dataset's shards: a bounded set of open files, read-ahead on one thread.
+
+Memory is one block per unit in flight, never a shard or the dataset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dist_sae.errors import DataError
+from dist_sae.data.dataset import DATASET_KEY, Dataset, WorkUnit
+
+
+class BlockReader:
+    """Reads work units from the shards of a dataset, keeping a few files open.
+
+    Only the rows of the unit are read (h5py reads the needed chunks), so memory is one block.
+    Non-finite values are an error that names the shard and rows.
+    """
+
+    def __init__(self, dataset: Dataset, max_open: int = 8, check_finite: bool = True) -> None:
+        self.dataset = dataset
+        self.max_open = max_open
+        self.check_finite = check_finite
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()
+        self._lock = threading.Lock()  # h5py is not re-entrant across our prefetch thread and caller
+
+    def _file(self, shard: int) -> h5py.File:
+        f = self._files.get(shard)
+        if f is None:
+            try:
+                f = h5py.File(self.dataset.shard_path(shard), "r")
+            except Exception as exc:
+                raise DataError(f"cannot open shard {self.dataset.shard_path(shard)}: {exc}") from None
+            self._files[shard] = f
+            while len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(shard)
+        return f
+
+    def read(self, unit: WorkUnit) -> np.ndarray:
+        """Rows of the unit, (unit.rows, dim), in the stored dtype."""
+        with self._lock:
+            try:
+                block = self._file(unit.shard)[DATASET_KEY][unit.start : unit.stop]
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(
+                    f"shard {self.dataset.shard_path(unit.shard)}: rows {unit.start}:{unit.stop} cannot be read "
+                    f"({type(exc).__name__}: {exc}); the file is corrupt or truncated"
+                ) from None
+        # A float64 sum is finite when every value is (it cannot overflow for float32 rows), and needs
+        # no (B, n) temporary; only a non-finite sum (or a float64 overflow) takes the element check.
+        if self.check_finite and not np.isfinite(block.sum(dtype=np.float64)) and not np.isfinite(block).all():
+            bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+            raise DataError(
+                f"shard {self.dataset.shard_path(unit.shard)}: non-finite values (NaN/Inf) in rows "
+                f"{unit.start + int(bad[0])}..{unit.start + int(bad[-1])} ({bad.size} rows); clean the data first"
+            )
+        return block
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+
+def prefetch(
+    source: BlockReader | Callable[[WorkUnit], Any],
+    units: Iterable[WorkUnit],
+    depth: int = 2,
+    executor: ThreadPoolExecutor | None = None,
+) -> Iterator[tuple[WorkUnit, Any]]:
+    """Yield (unit, block) in order, loading up to `depth` units ahead on a background thread.
+
+    source: a BlockReader, or any `load(unit)` (e.g. one that also converts and caches blocks).
+    The compute of one block (torch releases the GIL) overlaps the load of the next. Memory is
+    bounded by depth + 1 blocks. A load error is raised in the caller, in unit order. Pass a
+    long-lived single-thread `executor` to avoid starting a thread per pass.
+    """
+    load = source.read if isinstance(source, BlockReader) else source
+    units = list(units)
+    if depth <= 0:
+        for unit in units:
+            yield unit, load(unit)
+        return
+    pool = executor or ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")
+    ahead: deque = deque()
+    todo = iter(units)
+    try:
+        for unit in itertools.islice(todo, depth):
+            ahead.append((unit, pool.submit(load, unit)))
+        while ahead:
+            unit, future = ahead.popleft()
+            block = future.result()  # re-raises the load's error here, in order
+            following = next(todo, None)
+            if following is not None:
+                ahead.append((following, pool.submit(load, following)))
+            yield unit, block
+    finally:
+        for _, future in ahead:
+            future.cancel()
+        if executor is None:
+            pool.shutdown(wait=True)

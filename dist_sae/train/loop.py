@@ -1,0 +1,187 @@
+"""A run directory and the training loop: what `train` does between opening a session and returning.
+
+    run dir     refuse to mix two runs in one folder; resume reads the run's saved config
+    resume      the checkpoint must match the data's fingerprint and the run's maths
+    loop        step to optim.steps, writing metrics.jsonl, checkpoints, the model and run.json;
+                checkpoint and stop cleanly on a failed step or Ctrl-C
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dist_sae.train.checkpoint import list_checkpoints, save_checkpoint
+from dist_sae.config import Config
+from dist_sae.data.dataset import Dataset
+from dist_sae.errors import CheckpointError, DistSaeError, Interrupted
+from dist_sae.sae.model import SparseAutoencoder, save_model
+from dist_sae.train.rundir import METRICS_FILE, SUMMARY_FILE
+from dist_sae import progress
+
+log = logging.getLogger(__name__)
+
+
+class Stepper(Protocol):
+    """A trainer, local or remote: what the training loop drives."""
+
+    converged: bool
+
+    def step(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final: dict[str, Any]  # the last metrics line
+    seconds: float
+    theta: np.ndarray
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) while training: finish the current step, checkpoint, then stop (a clean stop).
+
+    A second Ctrl-C stops at once; the stepper rolls its unfinished step back, so the last
+    completed step is still checkpointed. Only the main thread can take signals: elsewhere (a
+    notebook's worker thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None) -> TrainResult:
+    """Step to optim.steps, writing metrics, checkpoints, the model and a summary.
+
+    Checkpoints every run.checkpoint_every steps, at the end, and when the run stops early: on a
+    failed step (the stepper rolled it back, so the last completed step is saved) and on Ctrl-C.
+
+    Raises:
+        DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
+        errors.Interrupted: on Ctrl-C, after the checkpoint.
+    """
+    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
+    state = stepper.state_dict()
+    start = int(state["meta"]["step"])
+    total = cfg.optim.steps
+    every = cfg.run.checkpoint_every
+    resume_hint = f"continue with `dist-sae train --resume {run_dir}`"
+    existing = [p for p in list_checkpoints(run_dir) if p.name == f"step-{start:08d}"]
+    saved: dict[str, Any] = {"step": start if existing else None, "path": existing[0] if existing else None}
+
+    def save(state: dict[str, Any] | None = None) -> None:
+        state = stepper.state_dict() if state is None else state
+        saved["path"] = save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
+        saved["step"] = int(state["meta"]["step"])
+
+    def kept() -> str:
+        if saved["path"] is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {saved['path']} (step {saved['step']}) is kept"
+
+    def hint() -> str:
+        if saved["path"] is None:
+            return "fix the cause and start the run again (it made no checkpoint to resume from)"
+        return f"fix the cause, then {resume_hint}"
+
+    def save_after_failure() -> str:
+        """Checkpoint the last completed step if no checkpoint holds it yet; say what is kept."""
+        try:
+            state = stepper.state_dict()  # the failed step was rolled back
+            done = int(state["meta"]["step"])
+            if done > start and done != saved["step"]:
+                save(state)
+                return f"the last completed step {done} is checkpointed in {saved['path']}"
+        except DistSaeError as exc:  # e.g. the disk is full, or the parameter server is gone
+            log.warning("no checkpoint after the failure: %s", exc)
+        return kept()
+
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    try:
+        with open(run_dir / METRICS_FILE, "a") as metrics, progress.bar(total, "train", unit="step", quiet=cfg.run.quiet, initial=start) as bar, _StopRequest() as stop:
+            step = start
+            while step < total and not stepper.converged:
+                try:
+                    last = stepper.step()
+                except DistSaeError as exc:
+                    raise type(exc)(f"{exc}. Stopped at step {step + 1}: {save_after_failure()}; {hint()}") from None
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted during step {step + 1}: {save_after_failure()}; {hint()}") from None
+                step = last["step"]
+                if step % cfg.run.log_every == 0 or step == total:
+                    metrics.write(json.dumps(_jsonable(last)) + "\n")
+                    metrics.flush()
+                    if tensorboard is not None:
+                        for key, value in last.items():
+                            if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
+                                tensorboard.add_scalar(key, float(value), step)
+                bar.update(1)
+                bar.set_postfix(J=f"{last['J']:.6g}")
+                if every and step % every == 0:
+                    save()
+                if stop.requested and step < total:
+                    if saved["step"] != step:
+                        save()
+                    raise Interrupted(f"stopped at step {step} on Ctrl-C: checkpoint {saved['path']} written; {resume_hint}")
+        state = stepper.state_dict()
+        if saved["step"] != int(state["meta"]["step"]):
+            save(state)
+        theta = state["theta"].numpy()
+        model = SparseAutoencoder.from_config(cfg)
+        save_model(model, run_dir, cfg, torch.from_numpy(theta))
+        seconds = time.perf_counter() - t0
+        summary = {
+            "steps": int(state["meta"]["step"]),
+            "converged": bool(stepper.converged),
+            "seconds": seconds,
+            "engine": cfg.workers.engine,
+            "method": cfg.optim.method,
+            "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
+            "final": _jsonable(last),
+        }
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:  # metrics, model or summary: the disk is full or gone
+        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}); {kept()}. Free disk space, then {resume_hint}") from None
+    return TrainResult(run_dir, summary["steps"], last, seconds, theta)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out

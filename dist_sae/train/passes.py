@@ -1,0 +1,364 @@
+"""Single-process execution of passes: the reference the Ray cluster must equal.
+
+    PassRunner      the work of one worker: θ in, one work unit's float64 partial sums out
+    LocalEvaluator  runs a pass over many units in this process (read-ahead, ordered reduction)
+    PassProblem     exact J/∇J, ρ̂ and minibatch evaluations composed from passes, for any
+                    evaluator with `run(kind, theta, units, g)` (this one, or the Ray one)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dist_sae.config import Config
+from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
+from dist_sae.data.reader import BlockReader, prefetch
+from dist_sae.errors import TrainingError
+from dist_sae.sae.model import SparseAutoencoder
+from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
+from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
+from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
+from dist_sae.sae.backward import BACKWARDS
+from dist_sae.train.inputs import input_transform, resolve_device, row_noise
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PASS_KINDS = ("pass1", "pass2", "onepass")
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any PassRunner changes it
+
+
+class PassRunner:
+    """Computes the partial sums of one work unit: what a worker does, with or without Ray.
+
+    Args:
+        cfg: the run's config (model.visible set).
+        dataset: the dataset (or its folder).
+        device: torch device to compute on.
+        threads: torch intra-op threads (0 leaves torch's default).
+        backward: how pass 2 differentiates: auto (the hand-written fast path where it covers the
+            model, else autograd), autograd, or handwritten (an error where it does not apply).
+    """
+
+    def __init__(
+        self, cfg: Config, dataset: Dataset | str, device: str | torch.device = "cpu", threads: int = 0, backward: str = "auto"
+    ) -> None:
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.backward = backward
+        self.obj = Objective.from_config(cfg)
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset, verify_shards=False)
+        self.reader = BlockReader(self.dataset)
+        self.device = torch.device(device)
+        self.dtype = DTYPES[cfg.compute.dtype]
+        self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
+        self.input_transform = input_transform(cfg)  # raw rows -> what the model was trained on
+        self.cache_budget = cfg.data.cache_mb * 2**20
+        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}  # (shard, start, stop) -> block
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._pool: list[torch.Tensor] = []  # buffers of streamed blocks, for reuse (see load)
+        self._streamed: set[int] = set()  # data_ptr of streamed blocks handed out by load
+        self.recycle = False  # set by callers that `release` every block they load (LocalEvaluator)
+        self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
+        self.g: list[torch.Tensor] | None = None
+        self.dead: torch.Tensor | None = None
+        self.noise = cfg.noise
+        self.seed = cfg.run.seed
+        self._theta_key: object = None
+
+    def set_theta(self, theta: np.ndarray, key: object = None) -> None:
+        """Load θ (P,) into the model, unless `key` says it is the one already loaded."""
+        if key is not None and key == self._theta_key:
+            return
+        with torch.no_grad():
+            self.model.theta.copy_(torch.from_numpy(np.asarray(theta)))
+        self._theta_key = key
+
+    def set_g(self, g: list[np.ndarray] | None) -> None:
+        """Pass 2's constants (SparsityState.constants): KL′ per penalised layer, then the AuxK dead mask."""
+        consts = [torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in (g or [])]
+        n_kl = len(self.obj.layers) if self.obj.kind == "kl" else 0
+        self.g = consts[:n_kl] or None
+        self.dead = consts[n_kl].bool() if len(consts) > n_kl else None
+
+    def to_device(self, block: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (B, n) as a compute-dtype tensor on the device; on the CPU, into `out` when it fits."""
+        if self.input_transform is not None:
+            block = self.input_transform.apply(block, dtype=np.float64)  # whitening in full precision
+        x = torch.from_numpy(block)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        if out is not None and out.shape == x.shape:
+            return out.copy_(x)
+        return x.to(self.dtype)
+
+    def load(self, unit: WorkUnit) -> torch.Tensor:
+        """The unit's rows as a compute-dtype tensor on the device, from the block cache when there.
+
+        Blocks are cached while the cache stays within data.cache_mb; past that, they stream.
+        Safe to call from a read-ahead thread.
+        """
+        key = (unit.shard, unit.start, unit.stop)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        rows = self.reader.read(unit)
+        dim = rows.shape[1] if self.input_transform is None else self.input_transform.out_dim(rows.shape[1])
+        size = rows.shape[0] * dim * self.dtype.itemsize
+        with self._cache_lock:
+            keep = key not in self._cache and self._cache_bytes + size <= self.cache_budget
+            if keep:
+                self._cache_bytes += size
+            # A streamed block goes into a recycled buffer: fresh multi-MB tensors every block let
+            # glibc's heap fragment and RSS creep up with the data size (+26-43% at 16x the rows).
+            buffer = None if keep or not self._pool else self._pool.pop()  # (empty unless recycle is on)
+        x = self.to_device(rows, buffer)
+        if keep:
+            with self._cache_lock:
+                self._cache[key] = x
+        elif self.recycle and self.device.type == "cpu" and x.data_ptr() != rows.ctypes.data:  # its own memory
+            self._streamed.add(x.data_ptr())
+        return x
+
+    def release(self, x: torch.Tensor) -> None:
+        """Hand back a block from `load` once its compute is done: a streamed block's buffer is reused."""
+        with self._cache_lock:
+            if x.data_ptr() in self._streamed and len(self._pool) < 4:
+                self._streamed.discard(x.data_ptr())
+                self._pool.append(x)
+
+    def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
+        """The denoising input for a unit's rows, or None without noise.
+
+        The noise is drawn on the CPU in float64, seeded by (run seed, shard, row chunk), so each row
+        gets the same corruption whichever worker or device runs it, however the rows are cut into
+        work units, in pass 1 and pass 2 alike.
+        """
+        if self.noise.kind == "none":
+            return None
+        draws = row_noise(self.noise.kind, self.seed, unit.shard, unit.start, unit.stop, x.shape[1])
+        if self.noise.kind == "gaussian":
+            return x + (draws * self.noise.sigma).to(x.device, x.dtype)
+        return x * (draws >= self.noise.p).to(x.device, x.dtype)
+
+    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray | torch.Tensor) -> Sums:
+        """Partial sums of one unit's rows (as read, or as `load` gives them) for pass1, pass2 or onepass."""
+        x = block if isinstance(block, torch.Tensor) else self.to_device(block)
+        x_in = self.corrupt(x, unit)
+        if kind == "pass1":
+            return pass1_block(self.model, x if x_in is None else x_in)
+        if kind == "pass2":
+            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x), self.backward)
+        if kind == "onepass":
+            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x), self.backward)
+        raise ValueError(f"unknown pass {kind!r}")
+
+    def data_sums(self, unit: WorkUnit, x: torch.Tensor) -> Sums:
+        """The unit's Σx and Σ‖x‖² (for the FVU); they do not depend on θ, so they are kept with cached blocks."""
+        key = (unit.shard, unit.start, unit.stop)
+        sums = self._data_sums.get(key)
+        if sums is None:
+            sums = data_block_sums(x)
+            if key in self._cache:  # bounded by data.cache_mb like the blocks themselves
+                self._data_sums[key] = sums
+        return sums
+
+    @torch.no_grad()
+    def transform(self, kind: str, block: np.ndarray | torch.Tensor, layer: int | None = None) -> np.ndarray:
+        """Per-row outputs of a block: `encode` (codes of encoder `layer`, default innermost) or `reconstruct`."""
+        x = block if isinstance(block, torch.Tensor) else self.to_device(block)
+        if kind == "encode":
+            out = self.model.encode_layers(x, upto=layer or self.model.num_encoder)[-1]
+        elif kind == "reconstruct":
+            out = self.model(x).output
+        else:
+            raise ValueError(f"unknown transform {kind!r}")
+        return out.to(device="cpu").numpy()
+
+    def run_unit(self, kind: str, unit: WorkUnit) -> Sums:
+        return self.compute(kind, unit, self.load(unit))
+
+    def close(self) -> None:
+        self.reader.close()
+        self._cache.clear()
+        self._data_sums.clear()
+        self._pool.clear()
+        self._streamed.clear()
+
+
+class Evaluator(Protocol):
+    rows: int
+    units: list[WorkUnit]
+
+    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
+        """The ordered float64 sum of a pass over `units`, and timings."""
+
+    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
+        """Yield (unit, per-row output) in unit order: `encode` codes or `reconstruct` outputs."""
+
+
+class LocalEvaluator:
+    """Runs passes in this process: blocks are read ahead in a thread and reduced in unit order."""
+
+    def __init__(self, runner: PassRunner, block_rows: int, prefetch_depth: int = 2) -> None:
+        self.runner = runner
+        self.runner.recycle = True  # every block run() and map_units() load is released after use
+        self.prefetch_depth = prefetch_depth
+        self.units = runner.dataset.units(block_rows, min_units=PASS_MIN_UNITS)  # cut as RayEvaluator cuts
+        self.rows = runner.dataset.rows
+        self._version = 0
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
+        self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close()
+
+    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
+        self._version += 1
+        self.runner.set_theta(theta, ("local", self._version))
+        self.runner.set_g(g)
+        reducer = OrderedReducer([u.id for u in units])
+        io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
+        bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
+        t0 = mark = time.perf_counter()
+        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
+            got = time.perf_counter()
+            io_s += got - mark
+            reducer.add(unit.id, self.runner.compute(kind, unit, block))
+            self.runner.release(block)
+            mark = time.perf_counter()
+            compute_s += mark - got
+            if bar is not None:
+                bar.update(unit.rows)
+        if bar is not None:
+            bar.close()
+        return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
+
+    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
+        """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
+        self._version += 1
+        self.runner.set_theta(theta, ("local", self._version))
+        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
+            out = self.runner.transform(kind, block, layer)
+            self.runner.release(block)
+            yield unit, out
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=True)
+        self.runner.close()
+
+
+class PassProblem:
+    """The optimizer's Problem (exact J/∇J, ρ̂, minibatch evaluations) built from passes.
+
+    Args:
+        evaluator: runs passes (LocalEvaluator, or the Ray cluster's).
+        cfg: the run's config.
+    """
+
+    def __init__(self, evaluator: Evaluator, cfg: Config) -> None:
+        self.evaluator = evaluator
+        self.cfg = cfg
+        self.obj = Objective.from_config(cfg)
+        self.layout = SparseAutoencoder.from_config(cfg)  # float64 on cpu: only for names and offsets
+        self.decay = weight_decay_vector(self.layout, self.obj)
+        self.rows = evaluator.rows
+        self.units = evaluator.units
+        self.passes = cfg.sparsity.passes
+
+    def _run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g=None) -> tuple[Sums, dict[str, float]]:
+        sums, timing = self.evaluator.run(kind, theta, units, g)
+        expected = sum(u.rows for u in units)
+        if sums is None or int(sums["rows"]) != expected:
+            got = 0 if sums is None else int(sums["rows"])
+            raise TrainingError(f"{kind} counted {got} rows but its units hold {expected}: a unit was lost or counted twice")
+        return sums, timing
+
+    def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
+        return self.layer_stats(theta, units)[0]
+
+    def layer_stats(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return self._pass1(theta, units or self.units)
+
+    def _pass1(self, theta: np.ndarray, units: list[WorkUnit]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(mean activation, rows where active) per encoder layer over `units`."""
+        sums, _ = self._run("pass1", theta, units)
+        hidden = self.layout.hidden
+        return split_layers(sums["act"] / sums["rows"], hidden), split_layers(sums["fired"], hidden)
+
+    def evaluate(self, theta: np.ndarray, units: list[WorkUnit] | None = None, state: SparsityState | None = None) -> Evaluation:
+        units = units or self.units
+        stats: dict[str, float] = {}
+        pass1_timing: dict[str, float] = {}
+        if state is None and self.obj.uses_rho_hat and self.passes == 1:
+            sums, timing = self._run("onepass", theta, units)
+            state = sparsity_state(self.obj, split_layers(sums["act"] / sums["rows"], self.layout.hidden))
+            stats["pass2_s"] = timing["wall_s"]
+        else:
+            if state is None and (self.obj.uses_rho_hat or self.obj.auxk):
+                t0 = time.perf_counter()
+                sums1, pass1_timing = self._run("pass1", theta, units)
+                hidden = self.layout.hidden
+                state = sparsity_state(self.obj, split_layers(sums1["act"] / sums1["rows"], hidden))
+                if self.obj.auxk:  # AuxK's dead units: fired on no row of this pass 1
+                    state.dead = split_layers(sums1["fired"], hidden)[0] == 0
+                stats["pass1_s"] = time.perf_counter() - t0
+            elif state is None:
+                state = sparsity_state(self.obj, [])
+            sums, timing = self._run("pass2", theta, units, state.constants())
+            stats["pass2_s"] = timing["wall_s"]
+        ev = finalize(self.obj, self.layout, theta, sums, state, self.decay)
+        ev.stats.update(stats)
+        ev.stats.update({k: v for k, v in timing.items() if k != "wall_s"})
+        for key in ("io_s", "compute_s"):  # I/O and compute time of both passes of this evaluation
+            if key in pass1_timing and key in ev.stats:
+                ev.stats[key] += pass1_timing[key]
+        return ev
+
+
+def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[WorkUnit]]:
+    """Minibatches of `batch_size` contiguous rows (within a shard), each split into `parts` work units.
+
+    Unit ids are unique across all batches, so a batch's parts reduce in a fixed order.
+    """
+    batches, next_id = [], 0
+    for shard, info in enumerate(dataset.shards):
+        for start in range(0, info.rows, batch_size):
+            stop = min(start + batch_size, info.rows)
+            bounds = np.linspace(start, stop, min(parts, stop - start) + 1).round().astype(int)
+            batch = []
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                batch.append(WorkUnit(next_id, shard, int(lo), int(hi)))
+                next_id += 1
+            batches.append(batch)
+    return batches
+
+
+def local_threads(requested: int) -> int:
+    """Torch threads of the single-process engine: compute.threads, else all the cores torch sees.
+
+    Deliberately not adapted to the machine's load: the thread count changes the float summation
+    order inside matrix products, so a load-dependent default would make two runs of the same
+    config differ in their last bits (and L-BFGS amplifies that over hundreds of steps). On a
+    machine shared with other busy processes set compute.threads=1: intra-op threads that share
+    their cores spin-wait on each other (measured up to 40× slower on a busy 2-core machine, where
+    2 threads are 1.6× faster than 1 on a quiet one; see the README's performance section).
+    """
+    return requested if requested > 0 else TORCH_DEFAULT_THREADS
+
+
+def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> PassProblem:
+    """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
+    threads = local_threads(cfg.compute.threads)
+    if threads != torch.get_num_threads():
+        log.info("single-process engine: %d torch thread(s) (compute.threads=%d)", threads, cfg.compute.threads)
+    runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads, backward)
+    return PassProblem(LocalEvaluator(runner, cfg.data.block_rows, cfg.data.prefetch), cfg)

@@ -1,0 +1,162 @@
+"""Run directories: what makes a folder hold a run, preparing it, resuming it, its metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+from dist_sae.train.checkpoint import CHECKPOINTS
+from dist_sae.config import Config, config_from_args
+from dist_sae.data.dataset import Dataset
+from dist_sae.errors import CheckpointError, DataError
+from dist_sae.sae.model import CONFIG_FILE, MODEL_FILE
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+
+SUMMARY_FILE = "run.json"
+
+
+
+# Config keys a resumed run may change freely: they do not change the maths of the run.
+# run.seed is not among them: it sets the batch order and the noise.
+RESUMABLE_CHANGES = (
+    "optim.steps", "workers.", "data.prefetch", "data.path", "data.cache_mb", "compute.threads",
+    "run.out", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.quiet", "run.tensorboard", "run.report",
+)
+
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ and that a resume may not change silently."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in keys
+        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+    ]
+
+
+
+def _holds_run(run_dir: Path) -> bool:
+    """A model, a checkpoint or a metrics line: a folder with only config.json never made a step."""
+    if not run_dir.is_dir():
+        return False
+    metrics = run_dir / METRICS_FILE
+    checkpoints = run_dir / CHECKPOINTS
+    return (
+        (run_dir / MODEL_FILE).exists()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or (metrics.is_file() and metrics.stat().st_size > 0)
+    )
+
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder; changes nothing (prepare_run_dir does, later).
+
+    Raises:
+        CheckpointError: naming the folder and the flag to pass.
+    """
+    holds_run = _holds_run(run_dir)
+    if resume and not holds_run:
+        raise CheckpointError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
+    if not resume and holds_run and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run dir; refuse to mix two runs in one folder (with --overwrite, clear the old run)."""
+    check_run_dir(run_dir, resume, overwrite)
+    if not resume:
+        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS, MODEL_FILE, SUMMARY_FILE, "report"):
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metrics lines of steps <= `step` (a resumed run writes the later ones again).
+
+    A line cut short by a kill is dropped too. The file is replaced atomically.
+
+    Returns:
+        The number of lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            line_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if line_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    return dropped
+
+
+
+def resume_config(run_dir: str | Path, config: str | None = None, overrides: list[str] | None = None, **set_keys: Any) -> Config:
+    """The config of `train --resume RUN_DIR`: the run's saved config.json (or `config`), then overrides.
+
+    Raises:
+        CheckpointError: the folder holds no run; DataError: the saved data folder is gone.
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / CONFIG_FILE
+    if config is None and not saved.is_file():
+        raise CheckpointError(f"--resume: {run_dir} holds no run to resume (it has no {CONFIG_FILE})")
+    set_keys = {**set_keys, "run.out": str(run_dir)}
+    cfg = config_from_args(str(config or saved), list(overrides or []), **set_keys)
+    data_given = set_keys.get("data.path") is not None or any(o.startswith("data.path=") for o in overrides or [])
+    if config is None and not data_given and cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise DataError(
+            f"the run's data folder {cfg.data.path} (data.path in {saved}) does not exist; give --data DIR "
+            "(the same data; other data needs --allow-change)"
+        )
+    return cfg
+
+
+
+def _check_resume(info: dict[str, Any], cfg: Config, dataset: Dataset, allow_change: bool) -> None:
+    problems = []
+    if info.get("fingerprint") != dataset.fingerprint:
+        problems.append(f"dataset fingerprint {info.get('fingerprint')} -> {dataset.fingerprint} ({dataset.path})")
+    problems += config_changes(info.get("config", {}), cfg.model_dump())
+    if problems and not allow_change:
+        raise CheckpointError(
+            "cannot resume: the run differs from its checkpoint in " + "; ".join(problems)
+            + ". Pass --allow-change to resume anyway"
+        )

@@ -1,0 +1,199 @@
+"""cluster.yaml against Ray's own launcher schema (offline), and a training run submitted through
+the Ray Jobs API to a head this test starts on 127.0.0.1 with token auth.
+
+The head is private to the test: its own temp dir, free ports, a token of its own (never the
+developer's ~/.ray/auth_token), and it is stopped by killing the process group the test started,
+not with `ray stop` (which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- cluster.yaml ----------------------------------------------------------------------------
+
+
+def load_cluster_yaml() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_is_a_valid_ray_launcher_config():
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load_cluster_yaml()
+    validate_config(copy.deepcopy(cfg))  # as written (jsonschema against ray-schema.json)
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # with the provider's defaults filled in, as `ray up` does
+
+    broken = copy.deepcopy(cfg)
+    broken["available_node_types"]["worker.gpu"]["instance"] = "g5.xlarge"  # not a schema key
+    with pytest.raises(Exception, match="instance"):
+        validate_config(broken)
+
+
+def test_cluster_yaml_layout():
+    cfg = load_cluster_yaml()
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0  # a CPU head
+    cpu, gpu = types["worker.cpu"], types["worker.gpu"]
+    cpu_setup, gpu_setup = " ".join(cpu["worker_setup_commands"]), " ".join(gpu["worker_setup_commands"])
+    assert "download.pytorch.org/whl/cpu" in cpu_setup  # CPU torch on CPU nodes only
+    assert "whl/cpu" not in gpu_setup and "torch==" in gpu_setup  # a CUDA torch on GPU nodes
+    assert all("pip install -e ~/dist_sae" in s for s in (cpu_setup, gpu_setup, " ".join(cfg["head_setup_commands"])))
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert "RAY_AUTH_MODE=token" in " ".join(cfg["worker_start_ray_commands"])
+
+
+# ---- a job on a private head -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """`ray start --head` on 127.0.0.1 with token auth; yields (dashboard URL, env with the token)."""
+    ray_bin = shutil.which("ray")
+    if ray_bin is None:
+        pytest.skip("the ray CLI is not installed")
+    temp_dir = tempfile.mkdtemp(prefix="dsae-job-", dir="/tmp")
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,  # this head's own token, whatever ~/.ray/auth_token holds
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 as the node IP: bind loopback only
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = free_port()
+    cmd = [
+        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(free_port()),
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard_port),
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--num-cpus", "2",
+        "--temp-dir", temp_dir,
+    ]
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_job_server(url, token, proc, Path(temp_dir) / "ray-start.log")
+        yield url, env
+    finally:
+        _stop_group(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _client(url: str, token: str):
+    from ray.job_submission import JobSubmissionClient
+
+    # An explicit header: works whether or not this process has Ray's token auth turned on.
+    return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+
+
+def _wait_for_job_server(url: str, token: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            _client(url, token).list_jobs()
+            return
+        except Exception:
+            time.sleep(1.0)
+    pytest.fail(f"the job server at {url} did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the head: SIGTERM, then SIGKILL, to every process of the session `ray start` leads.
+
+    `ray start` started the GCS, raylet, dashboard and every worker in its own session (the test
+    made it a session leader), so this ends exactly the processes this test started.
+    """
+    def members() -> list[int]:
+        pids = []
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                if os.getsid(pid) == proc.pid:
+                    pids.append(pid)
+            except OSError:
+                pass
+        return pids
+
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, so it does not linger as a zombie
+            if not members():
+                return
+            time.sleep(0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_job_through_the_jobs_api(head, tmp_path):
+    from ray.job_submission import JobStatus
+
+    from util import make_dataset, smooth_patches
+
+    url, env = head
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_dataset(data, smooth_patches(600, seed=2), shard_rows=250)
+    submission_id = f"dist-sae-test-{secrets.token_hex(4)}"
+    # The documented way: scripts/submit.sh (ray job submit --working-dir . -- dist-sae train ...).
+    subprocess.run(
+        [str(REPO / "scripts" / "submit.sh"), "--address", url, "--no-wait", "--submission-id", submission_id, "--",
+         "--data", str(data), "--out", str(out), "--quiet",
+         "optim.steps=3", "workers.num=2", "model.hidden=[5]", "data.block_rows=100", "run.report=false"],
+        env=env, check=True, capture_output=True, text=True, timeout=120,
+    )
+    client = _client(url, env["RAY_AUTH_TOKEN"])
+    deadline = time.monotonic() + 150
+    status = client.get_job_status(submission_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = client.get_job_status(submission_id)
+    logs = client.get_job_logs(submission_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "trained 3 steps" in logs
+    # Outputs land on the head's disk (here: this machine), where the driver and server ran.
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "run.json"):
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_client_without_the_token_is_refused(head):
+    url, _ = head
+    with pytest.raises(Exception):
+        _client(url, "not-the-token").list_jobs()

@@ -1,0 +1,74 @@
+"""The CLI as a user runs it: train, evaluate (--json, --grad-out), gradcheck, config, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from dist_sae.api import evaluate
+from dist_sae.commands.main import main
+
+from util import make_dataset, random_rows
+
+
+@pytest.fixture
+def data(tmp_path):
+    make_dataset(tmp_path / "d", random_rows(90, 6, seed=3), shard_rows=40)
+    return str(tmp_path / "d")
+
+
+def test_train_then_evaluate_json_and_gradient_export(tmp_path, data, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--local", "--quiet", "--data", data, "--out", out, "model.hidden=[4]", "optim.steps=5", "run.report=false"]) == 0
+    assert "model:" in capsys.readouterr().out
+    grad_file = str(tmp_path / "g.safetensors")
+    assert main(["evaluate", "--local", "--model", out, "--data", data, "--json", "--grad-out", grad_file]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 90 and result["J"] > 0
+    assert result["J"] == pytest.approx(result["reconstruction"] + result["weight_decay"] + result["sparsity"], rel=1e-12)
+    grads = load_file(grad_file)
+    assert sorted(grads) == ["W1", "W2", "b1", "b2"] and grads["W1"].shape == (4, 6)
+    ev, _ = evaluate(out, data, ["workers.engine=local"])
+    np.testing.assert_array_equal(np.concatenate([grads[k].ravel() for k in ("W1", "b1", "W2", "b2")]), ev.grad)
+
+
+def test_evaluate_overrides_hyperparameters(tmp_path, data, capsys):
+    out = str(tmp_path / "run")
+    main(["train", "--local", "--quiet", "--data", data, "--out", out, "model.hidden=[4]", "optim.steps=2", "run.report=false"])
+    capsys.readouterr()
+    main(["evaluate", "--local", "--model", out, "--data", data, "--json"])
+    base = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--local", "--model", out, "--data", data, "--json", "sparsity.beta=0"])
+    assert json.loads(capsys.readouterr().out)["sparsity"] == 0 < base["sparsity"]
+
+
+def test_gradcheck_prints_relative_error(data, capsys):
+    assert main(["gradcheck", "--data", data, "model.hidden=[3]"]) == 0
+    line = capsys.readouterr().out
+    assert "‖num−ana‖/‖num+ana‖" in line and float(line.split("= ")[1].split()[0]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--local", "--data", "/no/such/dir", "--out", "R"], "data folder /no/such/dir does not exist"),
+        (["train", "--local", "--data", "D", "--out", "R", "sparsity.rho=2"], "sparsity.rho must be in (0, 1)"),
+        (["train", "--local", "--data", "D", "--out", "R", "sparsity.betta=2"], "unknown config key 'sparsity.betta'"),
+        (["evaluate", "--model", "/no/model", "--data", "D"], "no model at /no/model"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, data, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    argv = [data if a == "D" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.startswith("error: ")
+
+
+def test_config_command_prints_resolved_tree(capsys):
+    assert main(["config", "model.hidden=[300, 30]", "sparsity.layers=[1,2]"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["model"]["hidden"] == [300, 30] and tree["sparsity"]["layers"] == [1, 2]
