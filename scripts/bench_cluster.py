@@ -23,22 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_sae.api import initial_theta
+from dist_sae.session import initial_theta
 from dist_sae.config import load_config
-from dist_sae.data import Dataset, DatasetWriter
-from dist_sae.engine import PassProblem, bind_dataset, local_problem
-
-
-def write_synthetic(path: Path, rows: int, dim: int, seed: int = 0, shard_rows: int = 250_000) -> Dataset:
-    """Rows in [0.1, 0.9] with some correlation between features, float32, written in blocks."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
-    with DatasetWriter(path, dim, shard_rows=shard_rows, dtype="float32", chunk_rows=1024) as writer:
-        for start in range(0, rows, 100_000):
-            n = min(100_000, rows - start)
-            z = rng.normal(size=(n, dim)) @ mix
-            writer.write(0.5 + 0.4 * np.tanh(z))
-    return writer.dataset
+from dist_sae.data.dataset import Dataset
+from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.inputs import bind_dataset
+from dist_sae.bench.synthetic import write_synthetic
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -70,7 +60,7 @@ def bench_problem(two: PassProblem, one: PassProblem, theta: np.ndarray, rows: i
 
 
 def bench_dataset(name: str, path: Path, hidden: int, repeats: int, workers: list[int], block_rows: int) -> dict:
-    from dist_sae.cluster.session import ClusterSession
+    from dist_sae.cluster.ray_session import ClusterSession
 
     ds = Dataset.open(path)
     base = load_config(None, {"model.hidden": [hidden], "compute.dtype": "float64", "data.block_rows": block_rows,

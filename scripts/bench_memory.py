@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Peak memory of one exact evaluation (J and ∇J) on a dataset K× larger than a base one.
 
-Each evaluation runs in a fresh subprocess so its peak RSS (VmHWM) is its own. Streaming
-(data.cache_mb=0), memory is bounded by the block size and read-ahead depth, not by the data size:
-the ratio should be ~1. With the block cache (default 512 MB per worker) memory grows with the data
-up to data.cache_mb, then stays there; both are measured.
+Each evaluation runs in a fresh subprocess (dist_sae.bench.rss_child) so its peak RSS (VmHWM) is
+its own. Streaming (data.cache_mb=0), memory is bounded by the block size and read-ahead depth, not
+by the data size: the ratio should be ~1. With the block cache (default 512 MB per worker) memory
+grows with the data up to data.cache_mb, then stays there; both are measured.
 
     python scripts/bench_memory.py --rows 250000 --factor 8 --out bench_out/memory.json
 """
@@ -13,38 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-CHILD = r"""
-import json, sys, time
-from dist_sae.api import evaluate_at_init
-t0 = time.perf_counter()
-ev = evaluate_at_init(sys.argv[1], ["model.hidden=[25]", "workers.engine=local", "compute.threads=1", "data.block_rows=16384",
-                                   f"data.cache_mb={sys.argv[2]}"])
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
-hwm_kb = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
-print(json.dumps({"rows": ev.rows, "J": ev.loss, "seconds": time.perf_counter() - t0, "peak_rss_mb": hwm_kb / 1024}))
-"""
+from dist_sae.bench.rss import measure_rss
 
 
 def build(path: Path, rows: int, dim: int, seed: int) -> None:
-    from dist_sae.data import DatasetWriter
+    from dist_sae.data.writer import DatasetWriter
 
     rng = np.random.default_rng(seed)
     with DatasetWriter(path, dim, shard_rows=200_000, dtype="float32", chunk_rows=1024) as writer:
         for start in range(0, rows, 50_000):
             writer.write(rng.uniform(0.1, 0.9, size=(min(50_000, rows - start), dim)).astype(np.float32))
-
-
-def measure(path: Path, cache_mb: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(cache_mb)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -64,7 +48,7 @@ def main() -> None:
             build(path, rows, args.dim, seed=1)
             build_s = time.perf_counter() - t0
             for cache_mb in (0, args.cache_mb):  # streaming only, then with the block cache
-                results[f"{name}_cache{cache_mb}"] = {**measure(path, cache_mb), "build_s": build_s, "data_mb": rows * args.dim * 4 / 2**20}
+                results[f"{name}_cache{cache_mb}"] = {**measure_rss(path, cache_mb), "build_s": build_s, "data_mb": rows * args.dim * 4 / 2**20}
     report = {
         "benchmark": "peak RSS of one exact evaluation vs data size",
         "dim": args.dim,

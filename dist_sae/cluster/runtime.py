@@ -164,6 +164,11 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def put(value: Any) -> Any:
+    """ray.put: one object in the store (what an evaluation does once per θ); for callers outside this layer."""
+    return ray.put(value)
+
+
 def get(refs, what: str, timeout: float | None = None):
     """ray.get with Ray errors converted to the library's (see library_error)."""
     try:

@@ -7,24 +7,23 @@ exactly once; the cached per-unit data sums must equal fresh ones. No timing is 
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import dist_sae.objective as objective
 from dist_sae.config import load_config
-from dist_sae.data import MIN_UNIT_ROWS, Dataset
-from dist_sae.engine import bind_dataset, local_problem
-from dist_sae.model import SparseAutoencoder
-from dist_sae.objective import Objective, handwritten_supported, onepass_block, pass1_block, pass2_block
+from dist_sae.data.dataset import MIN_UNIT_ROWS, Dataset
+from dist_sae.train.inputs import bind_dataset
+from dist_sae.train.passes import local_problem
+from dist_sae.sae.model import SparseAutoencoder
+from dist_sae.sae.objective import Objective
+from dist_sae.sae.backward import handwritten_supported
+from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
+from dist_sae.bench.compute import PlainTorch
+from dist_sae.bench.peer import numpy_cost, run_peer
 
 from util import config, make_dataset, random_rows
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup(hidden, activation="sigmoid", output="sigmoid", kind="kl", layers=(1,), seed=0, rows=37, visible=9):
@@ -39,15 +38,8 @@ def _setup(hidden, activation="sigmoid", output="sigmoid", kind="kl", layers=(1,
 
 
 def _both(fn):
-    """fn() with the hand-written path, then with autograd."""
-    objective.USE_HANDWRITTEN = True
-    fast = fn()
-    objective.USE_HANDWRITTEN = False
-    try:
-        slow = fn()
-    finally:
-        objective.USE_HANDWRITTEN = True
-    return fast, slow
+    """fn(backward) with the hand-written path, then with autograd."""
+    return fn("handwritten"), fn("autograd")
 
 
 def _assert_sums_equal(fast, slow):
@@ -76,14 +68,14 @@ def test_handwritten_pass2_equals_autograd(hidden, activation, output, kind, lay
     x_in = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) if noisy else None
     gen = torch.Generator().manual_seed(3)
     g = [torch.randn(hidden[layer - 1], generator=gen, dtype=torch.float64) for layer in layers] if kind == "kl" else None
-    fast, slow = _both(lambda: pass2_block(model, obj, x, g, x_in))
+    fast, slow = _both(lambda b: pass2_block(model, obj, x, g, x_in, backward=b))
     _assert_sums_equal(fast, slow)
 
 
 @pytest.mark.parametrize("hidden,activation,output", [([7], "sigmoid", "sigmoid"), ([7], "tanh", "linear"), ([6, 3], "sigmoid", "linear")])
 def test_handwritten_onepass_equals_autograd(hidden, activation, output):
     model, obj, x = _setup(hidden, activation, output, "kl", (1,))
-    fast, slow = _both(lambda: onepass_block(model, obj, x))
+    fast, slow = _both(lambda b: onepass_block(model, obj, x, backward=b))
     assert {"S_W", "S_b"} <= fast.keys()
     _assert_sums_equal(fast, slow)
 
@@ -151,15 +143,7 @@ def test_cached_data_sums_and_results_repeat_exactly(tmp_path):
     problem.evaluator.close()
 
 
-def _load_suite():
-    spec = importlib.util.spec_from_file_location("bench_suite_under_test", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_numpy_peer_cost_matches_the_engine(tmp_path):
-    suite = _load_suite()
     data = tmp_path / "d"
     x = random_rows(200, 64, seed=4)
     make_dataset(data, x, shard_rows=200)
@@ -169,27 +153,28 @@ def test_numpy_peer_cost_matches_the_engine(tmp_path):
     model.reset_parameters(1)
     theta = model.theta.detach().numpy().copy()
     ev = problem.evaluate(theta)
-    cost, grad = suite.numpy_cost(theta, x, 64, 25, 1e-4, 3.0, 0.01)
+    cost, grad = numpy_cost(theta, x, 64, 25, 1e-4, 3.0, 0.01)
     assert cost == pytest.approx(ev.loss, rel=1e-12)
     np.testing.assert_allclose(grad, ev.grad, rtol=1e-9, atol=1e-12)
-    plain = suite.PlainTorch(torch.from_numpy(x), cfg, 64)
+    plain = PlainTorch(torch.from_numpy(x), cfg, 64)
     for loss, g in (plain.whole(theta), plain.blocked(theta)):
         assert loss == pytest.approx(ev.loss, rel=1e-12)
         np.testing.assert_allclose(g, ev.grad, rtol=1e-9, atol=1e-12)
     problem.evaluator.close()
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_bench_suite_writes_every_ratio(tmp_path):
-    """The whole suite at its tiny size (starts Ray twice): the JSON has every ratio and target."""
-    suite = _load_suite()
-    report = suite.run_suite(tmp_path / "out", "tiny")
-    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
-    for key in ("stream_vs_memory", "twopass_vs_pass2", "onepass_vs_pass2", "ray2_vs_local", "exercise_vs_numpy_peer",
-                "rss_16x_vs_1x"):
-        assert key in saved["ratios"] and np.isfinite(saved["ratios"][key]), key
-        assert key in saved["targets"]
-    assert set(report["compute"]) == {"64-25", "784-1024"}
-    assert "ray_startup_s" in saved["exercise"] and "J_peer" in saved["exercise"]
-    assert (tmp_path / "out" / "bench.md").read_text().startswith("| ratio |")
+def test_numpy_peer_runs_as_its_own_process(tmp_path):
+    """`python -m dist_sae.bench.peer`: L-BFGS-B lowers J, reports the J of the θ it saved, and never loads torch."""
+    data = tmp_path / "d"
+    x = random_rows(300, 64, seed=5)
+    make_dataset(data, x, shard_rows=120)
+    cfg = bind_dataset(config(data, model__hidden=[25]), Dataset.open(data))
+    model = SparseAutoencoder.from_config(cfg)
+    model.reset_parameters(0)
+    theta0 = model.theta.detach().numpy().copy()
+    result = run_peer(data, theta0, 5, tmp_path, (25, 1e-4, 3.0, 0.01), threads=1)
+    final = np.load(tmp_path / "peer_theta0.npy.final.npy")
+    assert result["J"] == pytest.approx(numpy_cost(final, x, 64, 25, 1e-4, 3.0, 0.01)[0], rel=1e-12)
+    assert result["J"] < numpy_cost(theta0, x, 64, 25, 1e-4, 3.0, 0.01)[0]
+    assert 1 <= result["iterations"] <= 5 and result["wall_s"] > 0
+    assert result["torch_imported"] is False

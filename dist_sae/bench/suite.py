@@ -1,0 +1,266 @@
+"""The performance suite (issue #8): dist_sae against its ceilings and its peer, side by side, in one run.
+
+    dist-sae bench [--quick | --size full|quick|tiny] [--out bench_out] [--reps 5] [--skip ray,...] [--float32]
+    python scripts/bench.py ...    (the same, from a source checkout)
+
+Writes OUT/bench.json (a `ratios` object, the targets, every measurement behind them) and OUT/bench.md
+(the table). Every figure is the median of --reps timed repetitions after a warm-up; the things a
+ratio compares run in the same process (or the same run), interleaved round by round in rotating
+order, so load from other processes falls on both sides alike.
+
+    stream_vs_memory        examples/s of the engine streaming HDF5 (data.cache_mb=0) / a plain PyTorch
+                            loop over the same rows held in one in-memory tensor (the ceiling here)
+    twopass_vs_pass2        exact two-pass evaluation / pass 2 alone (ρ̂ given)
+    onepass_vs_pass2        one-pass evaluation (sparsity.passes=1) / pass 2 alone
+    ray2_vs_local           examples/s of Ray with 2 workers / the single-process engine, >= 1e6 rows
+    exercise_vs_numpy_peer  wall time of `dist-sae train` (local Ray) on the notes' exercise / a plain
+                            NumPy + scipy L-BFGS-B implementation of the same objective
+    rss_16x_vs_1x           peak RSS of one worker evaluating 16x the data / 1x (fresh subprocesses)
+
+The compute ratios are given for the notes' 64-25-64 model and for 784-1024-784. --quick uses small
+sizes and few repetitions (under 2 minutes); its numbers are for checking the suite, not for quoting.
+--size tiny only checks that every part runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_sae.bench.compute import bench_compute, bench_threads
+from dist_sae.bench.exercise import bench_exercise
+from dist_sae.bench.rss import bench_rss
+from dist_sae.bench.synthetic import write_synthetic
+from dist_sae.bench.timing import log
+from dist_sae.data.dataset import Dataset
+from dist_sae.errors import ConfigError
+
+TARGETS = {  # key: (comparison, bound)
+    "stream_vs_memory": (">=", 0.85),
+    "twopass_vs_pass2": ("<=", 1.25),
+    "onepass_vs_pass2": ("<=", 1.05),
+    "ray2_vs_local": (">=", 0.9),
+    "exercise_vs_numpy_peer": ("<=", 0.5),
+    "rss_16x_vs_1x": ("<=", 1.1),
+}
+
+SIZES = {
+    # rows of the streamed/in-memory comparison per model, rows for Ray (>= 1e6 in the full run),
+    # exercise iterations, RSS base rows (x16 for the large one), Ray scaling rows (784-1024)
+    "full": {"rows_64": 200_000, "rows_784": 8192, "rows_ray": 1_000_000, "steps": 400, "rss_rows": 62_500,
+             "scale_rows": 8192, "scale_workers": [1, 2, 4], "reps": 5, "exercise_reps": 3},
+    "quick": {"rows_64": 20_000, "rows_784": 1024, "rows_ray": 100_000, "steps": 40, "rss_rows": 4096,
+              "scale_rows": 2048, "scale_workers": [1, 2], "reps": 3, "exercise_reps": 1},
+    "tiny": {"rows_64": 2048, "rows_784": 256, "rows_ray": 4096, "steps": 3, "rss_rows": 1024,
+             "scale_rows": 2048, "scale_workers": [1, 2], "reps": 1, "exercise_reps": 1},
+}
+MODELS = {"64-25": (64, 25), "784-1024": (784, 1024)}
+PARTS = ("compute", "ray", "scaling", "exercise", "rss")
+COMPUTE_RATIOS = ("stream_vs_memory", "twopass_vs_pass2", "onepass_vs_pass2")
+
+
+def run_suite(out_dir: Path, size: str = "full", reps: int | None = None, skip: set[str] | None = None, float32: bool = False) -> dict:
+    """Run every benchmark, write out_dir/bench.json and bench.md, return the report."""
+    sz = dict(SIZES[size])
+    reps = reps or sz["reps"]
+    skip = skip or set()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    report: dict = {
+        "command": command_line(), "size": size, "reps": reps,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
+                    "loadavg_start": os.getloadavg()},
+        "settings": {"compute_dtype": "float64", "block_rows": 16384, "cache_mb_default": 512,
+                     "workers": "Ray: 1 CPU and 1 torch thread per worker; single process: torch's default threads"},
+    }
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="dsae-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = {}
+        log(f"writing data ({size})")
+        data["64"] = write_synthetic(tmp / "d64", sz["rows_64"], 64, seed=1).path
+        data["784"] = write_synthetic(tmp / "d784", sz["rows_784"], 784, seed=2).path
+        if "compute" not in skip:
+            report["compute"] = {}
+            for name, (dim, hidden) in MODELS.items():
+                log(f"compute {name}")
+                report["compute"][name] = bench_compute(data["64" if dim == 64 else "784"], hidden, reps)
+            log("threads")
+            report["threads"] = bench_threads(data["64"], 25, reps)
+            ratios.update({k: report["compute"]["64-25"]["ratios"][k] for k in COMPUTE_RATIOS})
+        if not {"ray", "scaling"} <= skip:
+            _ray_parts(report, ratios, data, tmp, sz, reps, skip)
+        if "exercise" not in skip:
+            log(f"exercise: {sz['steps']} iterations x {sz['exercise_reps']}")
+            report["exercise"] = bench_exercise(tmp, sz["steps"], sz["exercise_reps"], float32, onepass=size == "full")
+            ratios["exercise_vs_numpy_peer"] = report["exercise"]["ray_wall_s"] / report["exercise"]["peer_wall_s"]
+        if "rss" not in skip:
+            log("rss")
+            small = write_synthetic(tmp / "rss1", sz["rss_rows"], 64, seed=5).path
+            if "ray" in data and Dataset.open(data["ray"]).rows == 16 * sz["rss_rows"]:
+                large = data["ray"]  # the 1e6-row set of the Ray benchmark is exactly 16x
+            else:
+                large = write_synthetic(tmp / "rss16", 16 * sz["rss_rows"], 64, seed=6).path
+            report["rss"] = bench_rss(small, large, 1 if size != "full" else 3)
+            ratios["rss_16x_vs_1x"] = report["rss"]["cache_mb_0"]["ratio"]
+    report["ratios"] = ratios
+    if "compute" in report:
+        report["ratios_784_1024"] = {k: report["compute"]["784-1024"]["ratios"][k] for k in COMPUTE_RATIOS}
+    report["targets"] = targets(ratios)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["seconds"] = time.perf_counter() - t_start
+    report["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out_dir / "bench.md").write_text(markdown(report))
+    return report
+
+
+def _ray_parts(report: dict, ratios: dict, data: dict, tmp: Path, sz: dict, reps: int, skip: set[str]) -> None:
+    """The Ray benchmark and the scaling one, on one local Ray started here (bound to 127.0.0.1)."""
+    # Imported here: Ray takes seconds to import, and every `dist-sae` command imports this module.
+    from dist_sae.bench.ray_bench import bench_ray
+    from dist_sae.cluster import runtime
+
+    runtime.start_local(num_cpus=8, dashboard=False)
+    try:
+        if "ray" not in skip:
+            log(f"ray: {sz['rows_ray']} rows")
+            data["ray"] = write_synthetic(tmp / "dray", sz["rows_ray"], 64, seed=3).path
+            report["ray"] = bench_ray(data["ray"], 25, reps, [2])
+            ratios["ray2_vs_local"] = report["ray"]["ray_2_vs_local"]
+        if "scaling" not in skip:
+            log("scaling: 784-1024 at W = " + ",".join(map(str, sz["scale_workers"])))
+            data["scale"] = write_synthetic(tmp / "dscale", sz["scale_rows"], 784, seed=4).path
+            report["scaling"] = bench_ray(data["scale"], 1024, reps, sz["scale_workers"],
+                                          block_rows=max(64, sz["scale_rows"] // 8), components=True)
+    finally:
+        runtime.stop_local()
+
+
+def targets(ratios: dict[str, float]) -> dict[str, dict]:
+    """Each target with the measured ratio (None when that part was skipped) and whether it is met."""
+    return {k: {"target": f"{op} {bound}", "value": ratios.get(k),
+                "met": None if k not in ratios else (ratios[k] >= bound if op == ">=" else ratios[k] <= bound)}
+            for k, (op, bound) in TARGETS.items()}
+
+
+def command_line() -> str:
+    """How this process was started, for the report: `dist-sae bench ...`, `python scripts/bench.py ...`."""
+    prog = Path(sys.argv[0])
+    if prog.name == "__main__.py":
+        head = f"python -m {prog.parent.name}"
+    elif prog.suffix == ".py":
+        head = f"python {sys.argv[0]}"
+    else:
+        head = prog.name
+    return " ".join([head, *sys.argv[1:]])
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def markdown(report: dict) -> str:
+    """The table of ratios against targets, then the figures behind them."""
+    lines = ["| ratio | value | target | met |", "|---|---|---|---|"]
+    for key, t in report["targets"].items():
+        value = "—" if t["value"] is None else f"{t['value']:.3f}"
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| `{key}` | {value} | {t['target']} | {met} |")
+    for key, value in report.get("ratios_784_1024", {}).items():
+        lines.append(f"| `{key}` (784-1024) | {value:.3f} | {report['targets'][key]['target']} | — |")
+    lines.append("")
+    c = report.get("compute", {})
+    if c:
+        lines += ["| model | rows | streamed ex/s | in-memory PyTorch ex/s | pass 2 autograd / hand-written |", "|---|---|---|---|---|"]
+        for r in c.values():
+            lines.append(f"| {r['model']} | {r['rows']:,} | {r['examples_per_s']['stream_twopass']:,.0f} | "
+                         f"{r['examples_per_s']['memory_best']:,.0f} | {r['ratios']['pass2_autograd_vs_handwritten']:.2f} |")
+        lines.append("")
+    if "exercise" in report:
+        lines += _exercise_table(report["exercise"])
+    if "rss" in report:
+        r = report["rss"]
+        lines.append(f"Peak RSS per worker, 1x → 16x rows ({r['rows']['1x']:,} → {r['rows']['16x']:,}): "
+                     f"data.cache_mb=0 {r['cache_mb_0']['peak_rss_mb']['1x']:.0f} → {r['cache_mb_0']['peak_rss_mb']['16x']:.0f} MB; "
+                     f"data.cache_mb=512 {r['cache_mb_512']['peak_rss_mb']['1x']:.0f} → {r['cache_mb_512']['peak_rss_mb']['16x']:.0f} MB.")
+        lines.append("")
+    m = report["machine"]
+    lines.append(f"Machine: {m['cpus']} CPUs, {m['platform']}, torch {m['torch']}, GPU: {'yes' if m['gpu'] else 'none'}; "
+                 f"load average {m['loadavg_start'][0]:.1f} at start. Medians of {report['reps']} interleaved repetitions.")
+    return "\n".join(lines) + "\n"
+
+
+def _exercise_table(e: dict) -> list[str]:
+    lines = [
+        f"Exercise ({e['rows']:,} patches, 64-25-64, {e['iterations']} L-BFGS iterations), wall time of a fresh process each:",
+        "",
+        "| run | wall s | final J |",
+        "|---|---|---|",
+        f"| `dist-sae train` (local Ray, 2 workers) | {e['ray_wall_s']:.1f} (training {e['ray_train_s']:.1f}) | {e['J_ray']:.6g} |",
+    ]
+    if "ray_onepass_wall_s" in e:
+        lines.append(f"| the same, `sparsity.passes=1` | {e['ray_onepass_wall_s']:.1f} (training {e['ray_onepass_train_s']:.1f}) | "
+                     f"{e['J_ray_onepass']:.6g} |")
+    if "ray_float32_wall_s" in e:
+        lines.append(f"| the same, `compute.dtype=float32` | {e['ray_float32_wall_s']:.1f} | {e['J_ray_float32']:.6g} |")
+    return lines + [
+        f"| `dist-sae train --local` | {e['local_wall_s']:.1f} | {e['J_local']:.6g} |",
+        f"| NumPy + SciPy L-BFGS-B, 1 BLAS thread | {e['peer_1thread_wall_s']:.1f} (optimizer {e['peer_optimize_s']:.1f}) | {e['J_peer_1thread']:.6g} |",
+        f"| NumPy + SciPy L-BFGS-B, default BLAS threads | {e['peer_default_threads_wall_s']:.1f} | {e['J_peer']:.6g} |",
+        f"| Ray start-up alone (2 workers ready) | {e['ray_startup_s']:.1f} | |",
+        "",
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The suite's flags, on `parser` (`dist-sae bench` adds them to its subcommand)."""
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (under 2 minutes)")
+    parser.add_argument("--size", choices=sorted(SIZES), help="size preset (default: full, or quick with --quick)")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md (default bench_out)")
+    parser.add_argument("--reps", type=int, help="timed repetitions per figure (default: 5 full, 3 quick)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: " + ",".join(PARTS))
+    parser.add_argument("--float32", action="store_true", help="also train the exercise with compute.dtype=float32")
+    return parser
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    return add_arguments(parser or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """run_suite as the flags of add_arguments ask."""
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(PARTS):
+        raise ConfigError(f"--skip: unknown part(s) {', '.join(sorted(skip - set(PARTS)))}; the parts are {', '.join(PARTS)}")
+    size = args.size or ("quick" if args.quick else "full")
+    return run_suite(Path(args.out), size, args.reps, skip, args.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run_from_args(args)
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"wrote {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'} in {report['seconds']:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
