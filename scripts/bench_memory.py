@@ -12,7 +12,6 @@ grows with the data up to data.cache_mb, then stays there; both are measured.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_sae.bench.rss import measure_rss
+from dist_sae.bench.timing import emit_report
 
 
 def build(path: Path, rows: int, dim: int, seed: int) -> None:
@@ -60,11 +60,7 @@ def main() -> None:
             / results[f"1x_cache{args.cache_mb}"]["peak_rss_mb"],
         },
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

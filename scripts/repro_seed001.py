@@ -13,10 +13,10 @@ by 392 to give the same objective up to a constant factor (Adam is invariant to 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+from dist_sae.bench.timing import emit_report
 
 SCALE = 784 / 2  # their mean over pixels vs our ½ Σ over pixels
 
@@ -76,11 +76,7 @@ def main() -> None:
         "document": {"plain_layer1": 0.191295, "plain_layer2": 0.378384, "kl_layer1": 0.05},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +35,12 @@ def med(values: list[float]) -> float:
 
 def summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return {k: {"median_s": med(v), "min_s": float(min(v)), "reps": len(v)} for k, v in times.items()}
+
+
+def emit_report(report: dict, out: str | Path | None = None) -> None:
+    """A benchmark's JSON report: printed (the command's output), and written to `out` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")

@@ -78,15 +78,8 @@ def _derivative(a: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> 
 
 
 @torch.no_grad()
-def handwritten_block(
-    model: SparseAutoencoder,
-    obj: Objective,
-    x: torch.Tensor,
-    g: list[torch.Tensor] | None,
-    x_in: torch.Tensor | None = None,
-    onepass: bool = False,
-    data_sums: Sums | None = None,
-) -> Sums:
+def handwritten_block(model: SparseAutoencoder, obj: Objective, x: torch.Tensor, g: list[torch.Tensor] | None,
+                      x_in: torch.Tensor | None = None, onepass: bool = False, data_sums: Sums | None = None) -> Sums:
     """pass2_block (or, with onepass, onepass_block) for an untied mirrored MLP, without autograd.
 
     Same arguments and the same float64 sums as pass2_block; with onepass (g must be None) also

@@ -143,15 +143,20 @@ def test_cached_data_sums_and_results_repeat_exactly(tmp_path):
     problem.evaluator.close()
 
 
-def test_numpy_peer_cost_matches_the_engine(tmp_path):
+def _peer_case(tmp_path, rows: int, shard_rows: int, seed: int, init_seed: int):
+    """(rows x, dataset folder, bound 64-25-64 config, seeded θ) for the NumPy peer checks."""
     data = tmp_path / "d"
-    x = random_rows(200, 64, seed=4)
-    make_dataset(data, x, shard_rows=200)
+    x = random_rows(rows, 64, seed=seed)
+    make_dataset(data, x, shard_rows=shard_rows)
     cfg = bind_dataset(config(data, model__hidden=[25]), Dataset.open(data))
-    problem = local_problem(cfg, Dataset.open(data))
     model = SparseAutoencoder.from_config(cfg)
-    model.reset_parameters(1)
-    theta = model.theta.detach().numpy().copy()
+    model.reset_parameters(init_seed)
+    return x, data, cfg, model.theta.detach().numpy().copy()
+
+
+def test_numpy_peer_cost_matches_the_engine(tmp_path):
+    x, data, cfg, theta = _peer_case(tmp_path, 200, 200, seed=4, init_seed=1)
+    problem = local_problem(cfg, Dataset.open(data))
     ev = problem.evaluate(theta)
     cost, grad = numpy_cost(theta, x, 64, 25, 1e-4, 3.0, 0.01)
     assert cost == pytest.approx(ev.loss, rel=1e-12)
@@ -165,13 +170,7 @@ def test_numpy_peer_cost_matches_the_engine(tmp_path):
 
 def test_numpy_peer_runs_as_its_own_process(tmp_path):
     """`python -m dist_sae.bench.peer`: L-BFGS-B lowers J, reports the J of the θ it saved, and never loads torch."""
-    data = tmp_path / "d"
-    x = random_rows(300, 64, seed=5)
-    make_dataset(data, x, shard_rows=120)
-    cfg = bind_dataset(config(data, model__hidden=[25]), Dataset.open(data))
-    model = SparseAutoencoder.from_config(cfg)
-    model.reset_parameters(0)
-    theta0 = model.theta.detach().numpy().copy()
+    x, data, _, theta0 = _peer_case(tmp_path, 300, 120, seed=5, init_seed=0)
     result = run_peer(data, theta0, 5, tmp_path, (25, 1e-4, 3.0, 0.01), threads=1)
     final = np.load(tmp_path / "peer_theta0.npy.final.npy")
     assert result["J"] == pytest.approx(numpy_cost(final, x, 64, 25, 1e-4, 3.0, 0.01)[0], rel=1e-12)
