@@ -32,7 +32,7 @@ DEFAULT_OUT = "dist_sae_demo"
 MARKER = "demo.json"
 DATA_DIR, RUN_DIR = "data", "run"
 
-# The notes' exercise (SPEC §7): what `dist-sae demo` trains.
+# The notes' exercise (docs/reproduction.md): what `dist-sae demo` trains.
 NOTES_SETTINGS = {
     "model.hidden": [25],  # 64-25-64
     "model.activation": "sigmoid",

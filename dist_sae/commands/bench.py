@@ -1,25 +1,23 @@
-"""bench: the performance suite (scripts/bench.py) from the CLI: JSON + markdown table of ratios."""
+"""bench: the performance suite (dist_sae.bench.suite) from the CLI: JSON + markdown table of ratios."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+from dist_sae.errors import ConfigError
 
 
 def _suite():
-    """scripts/bench.py as a module (it lives beside the package in a source checkout)."""
-    if not SCRIPT.is_file():
-        raise ConfigError(f"the benchmark suite {SCRIPT} is not here: `dist-sae bench` runs from a source checkout of dist_sae")
-    spec = importlib.util.spec_from_file_location("dist_sae_bench_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """dist_sae.bench.suite: part of the package, so `dist-sae bench` works from an installed wheel."""
+    try:
+        return importlib.import_module("dist_sae.bench.suite")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dist_sae.bench", "dist_sae.bench.suite"):
+            raise
+        raise ConfigError("this dist_sae has no benchmark suite (dist_sae.bench.suite is missing); reinstall dist_sae") from None
 
 
 def register(sub) -> None:

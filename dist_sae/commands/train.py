@@ -92,7 +92,10 @@ def cmd_train(args) -> int:
     if resume:
         resumed = json.loads((result.run_dir / SUMMARY_FILE).read_text()).get("resumed_from", {})
         print(f"resumed from step {resumed.get('step')} (checkpoint written by dist_sae {resumed.get('version')})")
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s (step loop): J={final.get('J', float('nan')):.6g}")
+    if "J" not in final:  # a resumed run already at optim.steps (or converged): no step was taken
+        print(f"no step to take: the run is at step {result.steps} (raise optim.steps to train further)")
+    else:
+        print(f"trained {result.steps} steps in {result.seconds:.1f}s (step loop): J={final['J']:.6g}")
     print(f"model: {result.run_dir / MODEL_FILE}")
     return 0
 

@@ -168,6 +168,7 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
         seconds = time.perf_counter() - t0
         summary = {
             "version": __version__,
+            "package": str(Path(__file__).resolve().parents[1]),  # the dist_sae folder that ran: checkout, wheel, job env
             "steps": int(state["meta"]["step"]),
             "converged": bool(stepper.converged),
             "seconds": seconds,
