@@ -10,9 +10,12 @@ TORCH ?= 2.13.0
 ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
   PY := $(PYTHON)
   STAMP := .setup-active-env
+  RUN :=
 else
   PY := $(VENV)/bin/python
   STAMP := $(VENV)/.setup-done
+  # As if .venv were activated: the tests' subprocesses (`ray`, `python`, `dist-sae`) come from it too.
+  RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
 endif
 
 .PHONY: setup demo test bench
@@ -33,13 +36,14 @@ $(STAMP): pyproject.toml $(if $(filter $(VENV)/%,$(STAMP)),$(VENV)/bin/python)
 	@touch $@
 
 demo: setup
-	$(PY) -m dist_sae demo
+	$(RUN) $(PY) -m dist_sae demo
 
 # The report's browser test needs Debian's Chromium (apt-get install chromium); without it, say so once.
+# PYTEST_ARGS: e.g. make test PYTEST_ARGS=tests/unit/test_config.py
 test: setup
 	@command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
 	echo "note: no headless Chromium, so the report's browser test is skipped (sudo apt-get install chromium)"
-	$(PY) -m pytest -q
+	$(RUN) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m dist_sae bench
+	$(RUN) $(PY) -m dist_sae bench

@@ -17,7 +17,7 @@ from util import make_dataset, smooth_patches
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory):
     path = tmp_path_factory.mktemp("cmp") / "d"
-    ds = make_dataset(path, smooth_patches(400, seed=2), shard_rows=150, sample_shape=[8, 8])
+    make_dataset(path, smooth_patches(400, seed=2), shard_rows=150, sample_shape=[8, 8])
     return path
 
 
