@@ -1,6 +1,6 @@
 """dist_sae: distributed, out-of-core sparse autoencoders with the exact dataset-wide KL penalty."""
 
-__version__ = "0.1.0"
+from dist_sae.version import __version__  # noqa: F401  (dist_sae.__version__)
 
 
 def load(run_dir, **kwargs):

@@ -25,6 +25,7 @@ from dist_sae.train.loop import TrainResult, _loop
 from dist_sae.train.rundir import _check_resume, check_run_dir, prepare_run_dir, truncate_metrics
 from dist_sae.session import initial_theta, open_session
 from dist_sae import progress
+from dist_sae.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def train(
     # Everything a user can get wrong is checked before the run dir is touched: nothing of an
     # existing run is overwritten by a run that cannot start.
     check_run_dir(run_dir, resume, overwrite)
-    checkpoint = None
+    checkpoint, resumed_from = None, None
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
@@ -68,6 +69,9 @@ def train(
                 "start it again with --overwrite"
             )
         _check_resume(checkpoint[1], cfg, dataset, allow_change)
+        resumed_from = {"step": int(checkpoint[0]["meta"]["step"]), "version": checkpoint[1].get("version", "before 0.2.0")}
+        if resumed_from["version"] != __version__:
+            log.warning("resuming a checkpoint written by dist_sae %s with dist_sae %s", resumed_from["version"], __version__)
     theta0 = initial_theta(cfg, init)
     session = open_session(cfg, dataset)
     tensorboard = None
@@ -82,8 +86,9 @@ def train(
             stepper.load_state_dict(checkpoint[0])
             step = int(checkpoint[0]["meta"]["step"])
             dropped = truncate_metrics(run_dir / METRICS_FILE, step)
-            log.info("resumed %s at step %d (%d metrics lines after it dropped)", run_dir, step, dropped)
-        result = _loop(cfg, dataset, run_dir, stepper, tensorboard)
+            log.info("resumed %s at step %d (checkpoint written by dist_sae %s; %d metrics lines after it dropped)",
+                     run_dir, step, resumed_from["version"], dropped)
+        result = _loop(cfg, dataset, run_dir, stepper, tensorboard, resumed_from)
         if cfg.run.report:
             _write_report(run_dir, session.problem)
         return result
@@ -133,11 +138,13 @@ def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = 
         session.close()
 
 
-def gradcheck(cfg: Config, epsilon: float = 1e-4, coords: int = 0, init: str | Path | None = None) -> dict[str, float]:
-    """Compare ∇J with central differences (SPEC §7), in float64 in this process.
+def gradcheck(cfg: Config, epsilon: float = 1e-4, coords: int = 0, init: str | Path | None = None,
+              quiet: bool = True) -> dict[str, float]:
+    """Compare ∇J with central differences (docs/maths.md), in float64 in this process.
 
     Args:
-        coords: check this many random coordinates of θ (0: all of them).
+        coords: check this many coordinates of θ, drawn with run.seed (0: all of them).
+        quiet: no progress bar over the coordinates (two exact evaluations each).
 
     Returns:
         {"relative_error": ‖num−ana‖/‖num+ana‖, "coords": n, "params": P}
@@ -155,11 +162,13 @@ def gradcheck(cfg: Config, epsilon: float = 1e-4, coords: int = 0, init: str | P
         if 0 < coords < theta.size:
             idx = np.sort(np.random.default_rng(cfg.run.seed).choice(theta.size, coords, replace=False))
         numeric = np.empty(idx.size)
-        for n, i in enumerate(idx):
-            plus, minus = theta.copy(), theta.copy()
-            plus[i] += epsilon
-            minus[i] -= epsilon
-            numeric[n] = (problem.evaluate(plus).loss - problem.evaluate(minus).loss) / (2 * epsilon)
+        with progress.bar(idx.size, "gradcheck", unit="coord", quiet=quiet) as bar:
+            for n, i in enumerate(idx):
+                plus, minus = theta.copy(), theta.copy()
+                plus[i] += epsilon
+                minus[i] -= epsilon
+                numeric[n] = (problem.evaluate(plus).loss - problem.evaluate(minus).loss) / (2 * epsilon)
+                bar.update(1)
     finally:
         problem.evaluator.close()
     ana = analytic[idx]

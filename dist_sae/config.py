@@ -8,6 +8,7 @@ overridden by dotted `key=value` arguments, and saved beside every result as `co
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,15 +339,34 @@ def from_dict(tree: dict[str, Any], source: str = "") -> Config:
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def example_configs() -> dict[str, Path]:
+    """The example configs shipped inside the package (dist_sae/configs/*.yaml), by file name."""
+    folder = Path(str(resources.files("dist_sae") / "configs"))
+    return {p.name: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` itself when it is a file; else a bare name (`kl.yaml` or `kl`) of a shipped example.
+
+    Raises:
+        ConfigError: neither exists; the message lists the shipped examples.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    examples = example_configs()
+    if path.parent == Path(".") and (path.name in examples or f"{path.name}.yaml" in examples):
+        return examples.get(path.name) or examples[f"{path.name}.yaml"]
+    raise ConfigError(f"config file {path} does not exist (shipped examples, usable by name: {', '.join(examples)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load a YAML/JSON config file (or the defaults) and apply dotted overrides."""
     tree: dict[str, Any] = {}
     source = ""
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = f" in {path}"
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reproduce ../shared/seeds/001_*: 784-300-30-300-784 with and without KL on both encoder layers.
+"""Reproduce the TensorFlow tutorial of docs/reproduction.md: 784-300-30-300-784 with and without KL on both encoder layers.
 
 The document trains on MNIST with Adam (0.01, batch 60), ρ = 0.02, β = 7.5e-5, α = 5e-6, and reports
 the first layer's mean activation falling from 0.19 (plain) to 0.05 (sparse). Here the 28×28 images

@@ -53,13 +53,14 @@ def compare(
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: run names must differ, got {names}; pass --names")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shared = list(overrides or [])
-    # Validate every config before any training starts.
+    # Validate every config and the data before anything is created or trained.
     cfgs = [load_config(c, shared + [f"data.path={data}", f"run.out={out / n}", "run.report=false"]) for c, n in zip(configs, names)]
     seeds = {c.run.seed for c in cfgs}
     if len(seeds) > 1:
         raise ConfigError(f"compare trains every config with the same seed, but the configs set run.seed to {sorted(seeds)}")
+    Dataset.open(data)
+    out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, cfg in zip(names, cfgs):
         log.info("compare: training %s", name)

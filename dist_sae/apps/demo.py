@@ -32,7 +32,7 @@ DEFAULT_OUT = "dist_sae_demo"
 MARKER = "demo.json"
 DATA_DIR, RUN_DIR = "data", "run"
 
-# The notes' exercise (SPEC §7): what `dist-sae demo` trains.
+# The notes' exercise (docs/reproduction.md): what `dist-sae demo` trains.
 NOTES_SETTINGS = {
     "model.hidden": [25],  # 64-25-64
     "model.activation": "sigmoid",
@@ -55,7 +55,9 @@ class DemoResult:
     run_dir: Path
     page: Path  # report.html
     weights: Path  # the weight-grid PNG
-    seconds: dict[str, float] = field(default_factory=dict)  # data, train (with report), total
+    # data (building it), steps (the step loop, run.json "seconds"), train (steps + starting Ray and
+    # its actors + the report), total (the whole command)
+    seconds: dict[str, float] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)  # last metrics line
     first: dict[str, Any] = field(default_factory=dict)  # first metrics line
 
@@ -93,10 +95,14 @@ def demo_config(
     quiet: bool = False,
     seed: int = 0,
 ) -> Config:
-    """The demo's config: the notes' settings, the engine, and work units sized to the workers."""
+    """The demo's config: the notes' settings, the engine, and work units sized to the workers.
+
+    `--local` and Ray get the same blocks and one torch thread per process, so both paths compute
+    the same float64 sums in the same order: the same θ and J, bit for bit.
+    """
     num = workers or os.cpu_count() or 1
-    # Two units per worker at least, so every worker streams part of each pass.
-    block_rows = max(256, -(-rows // (2 * num))) if not local else 16384
+    # Two units per worker at least, so every worker streams part of each pass; the same for --local.
+    block_rows = max(256, -(-rows // (2 * num)))
     items = {
         **NOTES_SETTINGS,
         "optim.steps": steps,
@@ -183,7 +189,7 @@ def run_demo(
 
         page = write_report(run_dir, local=local).page
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    seconds = {"data": t_data - t0, "train": t_end - t_data, "total": t_end - t0}
+    seconds = {"data": t_data - t0, "steps": result.seconds, "train": t_end - t_data, "total": t_end - t0}
     settings.update(status="done", seconds=seconds, rows=dataset.rows, report=str(page))
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
     return DemoResult(

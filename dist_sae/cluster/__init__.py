@@ -1,4 +1,4 @@
-"""The Ray layer (SPEC §4): the only package in dist_sae that imports ray.
+"""The Ray layer: the only package in dist_sae that imports ray.
 
     runtime     start a local Ray bound to 127.0.0.1, or join a running cluster
     dispatch    on-demand work-unit dispatch and FailurePolicy: pure policies over status records (no Ray)

@@ -2,10 +2,11 @@
 
 Without an address, a private local Ray is started and bound to 127.0.0.1: nothing listens beyond
 the loopback interface. With `auto` or HOST:PORT (or inside a Ray job, where Ray sets RAY_ADDRESS),
-the running cluster is joined. Token authentication is Ray's own: a local Ray started here
-enables it by default (Ray >= 2.59) and keeps the token in ~/.ray/auth_token; a cluster started
-with RAY_AUTH_MODE=token is joined with the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token.
+the running cluster is joined. Token authentication is Ray's own: a private local Ray started here
+has it on (as Ray >= 2.59 does by default, but set here, so Ray prints no warning about choosing it;
+RAY_AUTH_MODE=disabled in the environment is respected) and keeps the token in ~/.ray/auth_token;
+a cluster started with RAY_AUTH_MODE=token is joined with the token from RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, and Ray's own messages about it are shown.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def start_local(num_cpus: int | None = None, dashboard: bool = True, **init_kwar
     """
     init_kwargs.setdefault("log_to_driver", log.isEnabledFor(logging.INFO))
     init_kwargs.setdefault("logging_level", logging.WARNING)
+    _choose_token_auth()
     with loopback_only():
         ray.init(
             address="local",
@@ -77,6 +79,24 @@ def start_local(num_cpus: int | None = None, dashboard: bool = True, **init_kwar
             dashboard_host=LOOPBACK,
             **init_kwargs,
         )
+
+
+def _choose_token_auth() -> None:
+    """Token auth for a private local Ray, chosen explicitly (RAY_AUTH_MODE=token) unless the user chose.
+
+    With RAY_AUTH_MODE unset, Ray >= 2.59 turns token auth on for a new local cluster and warns
+    that it did; setting the mode ourselves is the same choice without the warning. Ray's cached
+    config is refreshed, as Ray does when it turns the mode on itself.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # a Ray without token auth ignores the variable
+        pass
 
 
 def stop_local() -> None:

@@ -13,11 +13,12 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 
 from dist_sae.train.checkpoint import AtomicStepper
 from dist_sae.config import from_dict
 from dist_sae.data.dataset import Dataset, WorkUnit
-from dist_sae.train.passes import PassProblem
+from dist_sae.train.passes import PassProblem, local_threads
 from dist_sae.train.optim import Trainer
 from dist_sae.cluster.evaluator import RayEvaluator
 
@@ -46,6 +47,9 @@ class ParameterServer:
         launcher: Any = None,
     ) -> None:
         cfg = from_dict(config)
+        # The optimizer's vector arithmetic (L-BFGS two-loop, line search) runs with the torch
+        # threads of a --local run of the same config, so both give the same θ bit for bit.
+        torch.set_num_threads(local_threads(cfg.compute.threads))
         dataset = Dataset.open(dataset_path, verify_shards=False)
         self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)
         self.problem = PassProblem(self.evaluator, cfg)

@@ -104,7 +104,9 @@ def register(sub) -> None:
 
     p = dsub.add_parser("info", help="counts, size on disk, per-feature statistics, a PNG grid of samples")
     p.add_argument("dir", help="dataset folder")
-    p.add_argument("--png", help="write a grid of samples to this PNG (image-shaped samples only)")
+    p.add_argument("--png", help="write a grid of samples to this PNG")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
+                   help="draw rows as H×W images in the PNG (default: the stored sample shape, or √dim × √dim for flat rows)")
     p.add_argument("--samples", type=int, default=64, help="samples in the PNG grid")
     p.add_argument("--max-rows", type=int, help="compute the statistics over the first N rows only")
     p.add_argument("--json", action="store_true", help="print the info as JSON")
@@ -223,13 +225,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from dist_sae.data.check import dataset_info, human_bytes, is_image_shape, sample_grid
+    from dist_sae.data.check import dataset_info, human_bytes, sample_grid
 
     info = dataset_info(args.dir, max_rows=args.max_rows)
     if args.png:
-        if not is_image_shape(info["sample_shape"]):
-            raise DataError(f"{args.dir}: sample shape {info['sample_shape']} is not an image, so --png has nothing to draw")
-        info["png"] = str(sample_grid(args.dir, args.png, count=args.samples))
+        info["png"] = str(sample_grid(args.dir, args.png, count=args.samples, shape=args.shape))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from dist_sae.errors import DistSaeError
+from dist_sae.version import __version__
 
 # Command modules, in the order `--help` lists them.
 COMMAND_MODULES = ("train", "data", "report", "compare", "bench")
@@ -19,6 +20,7 @@ COMMAND_MODULES = ("train", "data", "report", "compare", "bench")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-sae", description="Distributed, out-of-core sparse autoencoders with the exact dataset-wide KL penalty.")
+    parser.add_argument("--version", action="version", version=f"dist-sae {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,9 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with KEY=VALUE overrides accepted anywhere, also after flags (`train --local optim.steps=3`).
+
+    argparse fills a trailing `nargs="*"` positional at its first chance, so overrides after an
+    option come back unrecognised; those that look like KEY=VALUE join the command's overrides,
+    in command-line order. Anything else is the usual usage error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dist_sae import api
 from dist_sae.config import config_from_args
-from dist_sae.train.rundir import resume_config
+from dist_sae.train.rundir import SUMMARY_FILE, resume_config
 from dist_sae.errors import ConfigError
 from dist_sae.sae.model import MODEL_FILE
 from dist_sae.commands import add_overrides, config_help
@@ -47,7 +47,9 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML/JSON config file")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--epsilon", type=float, default=1e-4, help="central-difference step (default 1e-4)")
-    p.add_argument("--coords", type=int, default=0, help="check this many random coordinates (default: all)")
+    p.add_argument("--coords", type=int, default=100, help="check this many coordinates, drawn with run.seed (default 100)")
+    p.add_argument("--all", action="store_true", help="check every coordinate of θ (two exact evaluations each: minutes on large data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--init", help="weights to check at (default: the seeded initialisation)")
     add_overrides(p)
     p.set_defaults(handler=cmd_gradcheck)
@@ -87,7 +89,13 @@ def cmd_train(args) -> int:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
     result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
     final = result.final
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s: J={final.get('J', float('nan')):.6g}")
+    if resume:
+        resumed = json.loads((result.run_dir / SUMMARY_FILE).read_text()).get("resumed_from", {})
+        print(f"resumed from step {resumed.get('step')} (checkpoint written by dist_sae {resumed.get('version')})")
+    if "J" not in final:  # a resumed run already at optim.steps (or converged): no step was taken
+        print(f"no step to take: the run is at step {result.steps} (raise optim.steps to train further)")
+    else:
+        print(f"trained {result.steps} steps in {result.seconds:.1f}s (step loop): J={final['J']:.6g}")
     print(f"model: {result.run_dir / MODEL_FILE}")
     return 0
 
@@ -124,7 +132,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_gradcheck(args) -> int:
     cfg = config_from_args(args.config, args.overrides, **{"data.path": args.data})
-    result = api.gradcheck(cfg, epsilon=args.epsilon, coords=args.coords, init=args.init)
+    result = api.gradcheck(cfg, epsilon=args.epsilon, coords=0 if args.all else max(args.coords, 1), init=args.init, quiet=args.quiet)
     print(f"‖num−ana‖/‖num+ana‖ = {result['relative_error']:.3e} over {result['coords']} of {result['params']} parameters")
     return 0 if result["relative_error"] < 1e-9 else 1
 

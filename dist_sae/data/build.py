@@ -1,4 +1,4 @@
-"""Building shard sets from the sources users have (SPEC §5). Every builder streams: memory stays bounded.
+"""Building shard sets from the sources users have. Every builder streams: memory stays bounded.
 
 `build(source, out, preprocessing=[...])` is the one engine: it fits the dataset-wide preprocessing
 in passes over the source (float64 partial sums in unit order, dist_sae.data.transforms), then streams the

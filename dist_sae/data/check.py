@@ -234,21 +234,47 @@ def is_image_shape(shape: list[int]) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))
 
 
-def sample_grid(path: str | Path, png: str | Path, count: int = 64, scale: int = 4, seed: int = 0) -> Path:
-    """Write a PNG grid of `count` samples (spread over the dataset, seeded), each scaled to [0, 1] on its own."""
+def image_shape(sample_shape: list[int], shape: tuple[int, int] | None = None) -> list[int]:
+    """The (H, W[, C]) to draw a sample as: `shape` (H, W) if given, the stored one if it is an image,
+    else H = W = √dim for square flat rows (64 → 8×8).
+
+    Raises:
+        DataError: no image shape fits, with what to pass.
+    """
+    dim = int(np.prod(sample_shape))
+    if shape is not None:
+        h, w = shape
+        if h * w == dim:
+            return [h, w]
+        if dim % (h * w) == 0 and dim // (h * w) in (1, 3):
+            return [h, w, dim // (h * w)]
+        raise DataError(f"--shape {h} {w} does not fit rows of {dim} features (H×W or H×W×3 must be {dim})")
+    if is_image_shape(sample_shape):
+        return list(sample_shape)
+    side = int(round(np.sqrt(dim)))
+    if side * side == dim:
+        return [side, side]
+    raise DataError(f"sample shape {sample_shape} is not an image and {dim} is not a square: give --shape H W to view rows as H×W images")
+
+
+def sample_grid(path: str | Path, png: str | Path, count: int = 64, scale: int = 4, seed: int = 0,
+                shape: tuple[int, int] | None = None) -> Path:
+    """Write a PNG grid of `count` samples (spread over the dataset, seeded), each scaled to [0, 1] on its own.
+
+    Rows are drawn as image_shape(ds.sample_shape, shape): flat rows of a square dimension as squares.
+    """
     from PIL import Image
 
     from dist_sae.data.reader import BlockReader
     from dist_sae.data.dataset import WorkUnit
 
     ds = Dataset.open(path)
-    if not is_image_shape(ds.sample_shape):
-        raise DataError(f"{ds.path}: sample shape {ds.sample_shape} is not an image; no grid to draw")
+    drawn = image_shape(ds.sample_shape, shape)
     count = min(count, ds.rows)
     picks = np.sort(np.random.default_rng(seed).choice(ds.rows, count, replace=False))
     offsets = np.cumsum([0] + [s.rows for s in ds.shards])
-    h, w = ds.sample_shape[:2]
-    channels = ds.sample_shape[2] if len(ds.sample_shape) == 3 else 1
+    h, w = drawn[:2]
+    channels = drawn[2] if len(drawn) == 3 else 1
     cols = int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / cols))
     grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, channels))

@@ -1,4 +1,4 @@
-"""Datasets on disk (SPEC §5): a folder with `dataset.json` and HDF5 shards holding one 2-D `x`.
+"""Datasets on disk: a folder with `dataset.json` and HDF5 shards holding one 2-D `x`.
 
 Reading is by work units, (shard, row range) blocks; memory is bounded by the block size, never by
 the shard or dataset size. Writing streams rows into shards inside a temporary folder that is

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from dist_sae.errors import DataError
+
+log = logging.getLogger(__name__)
 
 TRANSFORM_FILE = "transform.safetensors"
 KINDS = ("notes", "standardize", "pca", "zca")
@@ -177,6 +180,21 @@ def _eigh_sorted(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eigvals, eigvecs * np.where(flip == 0, 1.0, flip)
 
 
+def _warn_if_underdetermined(spec: StepSpec, rows: int, dim: int) -> None:
+    """Whitening fitted on fewer rows than it whitens: most directions are set by ε alone."""
+    rank = max(rows - 1, 0)  # mean-free rows span at most rows - 1 directions
+    kept = (spec.components or dim) if spec.kind == "pca" else dim
+    if kept <= rank:
+        return
+    log.warning(
+        "%s whitening fitted on %d rows of %d dimensions: the covariance has rank <= %d, so %d of the %d directions it "
+        "whitens have eigenvalue 0 and are scaled by 1/sqrt(epsilon) = %.3g from noise alone. Use more rows (at least %d), "
+        "PCA with K <= %d components (--pca %d), or a larger --epsilon",
+        spec.kind, rows, dim, rank, kept - rank, kept, 1 / np.sqrt(spec.epsilon) if spec.epsilon > 0 else float("inf"),
+        dim + 1, rank, rank,
+    )
+
+
 def fit_step(spec: StepSpec, sums_fn: SumsFn, pre: Transform) -> Step:
     """Fit one step from passes over the data as `pre` leaves it."""
     if spec.kind == "notes":
@@ -198,6 +216,7 @@ def fit_step(spec: StepSpec, sums_fn: SumsFn, pre: Transform) -> Step:
         return Step(spec, {"mean": mean, "std": std}, {"constant_features": constant})
     c = sums_fn("cov", mean, pre)
     cov = c["outer"] / count  # population covariance, as the notes' sigma = x·xᵀ/m
+    _warn_if_underdetermined(spec, count, cov.shape[0])
     eigvals, eigvecs = _eigh_sorted(cov)
     # Whitening divides by √λ of the components it keeps (all for ZCA, the leading K for PCA), so
     # only those must be non-zero; mean-free rows make the discarded last eigenvalue 0.

@@ -242,6 +242,7 @@ def _run_summary(cfg, run_summary: dict[str, Any], metrics: list[dict[str, Any]]
         "steps": run_summary.get("steps", last.get("step")),
         "converged": run_summary.get("converged"),
         "seconds": run_summary.get("seconds"),
+        "version": run_summary.get("version"),
         "rho_hat_mode": last.get("rho_hat_mode", run_summary.get("rho_hat_mode")),
         "rho_hat_staleness": last.get("rho_hat_staleness"),
         "J_first": first.get("J"),
@@ -289,7 +290,8 @@ def _page(run_dir: Path, cfg, rep: Report) -> str:
         for key, label in (
             ("architecture", "network"), ("activation", "hidden activation"), ("output", "output activation"),
             ("sparsity", "sparsity penalty"), ("method", "optimizer"), ("engine", "engine"), ("workers", "workers (last step)"),
-            ("steps", "steps"), ("converged", "converged"), ("seconds", "training seconds"),
+            ("steps", "steps"), ("converged", "converged"), ("seconds", "step-loop seconds (first step to model saved; without starting Ray or this report)"),
+            ("version", "written by dist_sae"),
             ("rho_hat_mode", "ρ̂ mode"), ("rho_hat_staleness", "ρ̂ staleness (steps)"),
             ("J_first", "J at step 1"), ("J_final", "J final"), ("terms_final", "terms final"),
             ("fvu_final", "FVU final"), ("examples_per_s", "examples/s (last step)"),

@@ -1,4 +1,4 @@
-"""Per-block partial sums of the exact objective (SPEC: pass 1, pass 2, one pass).
+"""Per-block partial sums of the exact objective (docs/maths.md: pass 1, pass 2, one pass).
 
 Each function takes one block of rows x (B, n) in the compute dtype and returns float64 sums;
 whoever streams the blocks adds them in work-unit order (sums.OrderedReducer) and calls
@@ -57,7 +57,7 @@ def pass2_block(
     data_sums: Sums | None = None,
     backward: str = "auto",
 ) -> Sums:
-    """Pass 2 on a block: the surrogate-loss gradient of SPEC §2 and the loss sums.
+    """Pass 2 on a block: the surrogate-loss gradient of docs/maths.md §2 and the loss sums.
 
     Args:
         x: target rows (B, n) in the compute dtype.
@@ -110,7 +110,7 @@ def onepass_block(
     data_sums: Sums | None = None,
     backward: str = "auto",
 ) -> Sums:
-    """One-pass exact gradient (SPEC §2) for KL on encoder layer 1: pass-2 sums with g = 0, plus
+    """One-pass exact gradient (docs/maths.md §3) for KL on encoder layer 1: pass-2 sums with g = 0, plus
 
     S_W = Σ_i f′(z_i) x_iᵀ (h1, n) and S_b = Σ_i f′(z_i) (h1,), so that afterwards
     ∇W1 += g ⊙ S_W / m and ∇b1 += g ⊙ S_b / m once ρ̂ (hence g) is known.

@@ -2,7 +2,7 @@
 
 One flat parameter makes every consumer simple: L-BFGS steps one tensor, gradients reduce as one
 float64 buffer, and θ travels to workers as one array. Named views give the layout of the notes
-(SPEC §6): `W1` (hidden × visible), `b1`, `W2` (visible × hidden), `b2`, ... input to output.
+(the notes' layout): `W1` (hidden × visible), `b1`, `W2` (visible × hidden), `b2`, ... input to output.
 
 This module imports only torch, safetensors and the config: it knows nothing of data or Ray.
 """

@@ -1,4 +1,4 @@
-"""The exact sparse-autoencoder objective (SPEC §1–2), as per-block partial sums.
+"""The exact sparse-autoencoder objective (docs/maths.md §1–2), as per-block partial sums.
 
 Everything here works on one block of rows and returns float64 sums; whoever streams the blocks
 (the single-process engine, a Ray worker) adds them in work-unit order and calls `finalize`.

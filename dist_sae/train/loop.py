@@ -28,6 +28,7 @@ from dist_sae.errors import CheckpointError, DistSaeError, Interrupted
 from dist_sae.sae.model import SparseAutoencoder, save_model
 from dist_sae.train.rundir import METRICS_FILE, SUMMARY_FILE
 from dist_sae import progress
+from dist_sae.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     final: dict[str, Any]  # the last metrics line
-    seconds: float
+    seconds: float  # the step loop: first step to model saved (run.json "seconds"); not Ray start-up or the report
     theta: np.ndarray
 
 
@@ -80,8 +81,12 @@ class _StopRequest:
             self._previous = None
 
 
-def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None) -> TrainResult:
+def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None,
+          resumed_from: dict[str, Any] | None = None) -> TrainResult:
     """Step to optim.steps, writing metrics, checkpoints, the model and a summary.
+
+    Checkpoints and run.json record the dist_sae version; `resumed_from` ({"step", "version"} of
+    the checkpoint a resume started from) goes into run.json too.
 
     Checkpoints every run.checkpoint_every steps, at the end, and when the run stops early: on a
     failed step (the stepper rolled it back, so the last completed step is saved) and on Ctrl-C.
@@ -90,7 +95,7 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
         DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
         errors.Interrupted: on Ctrl-C, after the checkpoint.
     """
-    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
+    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path), "version": __version__}
     state = stepper.state_dict()
     start = int(state["meta"]["step"])
     total = cfg.optim.steps
@@ -162,6 +167,8 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
         save_model(model, run_dir, cfg, torch.from_numpy(theta))
         seconds = time.perf_counter() - t0
         summary = {
+            "version": __version__,
+            "package": str(Path(__file__).resolve().parents[1]),  # the dist_sae folder that ran: checkout, wheel, job env
             "steps": int(state["meta"]["step"]),
             "converged": bool(stepper.converged),
             "seconds": seconds,
@@ -170,6 +177,8 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
             "final": _jsonable(last),
         }
+        if resumed_from is not None:
+            summary["resumed_from"] = resumed_from
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:  # metrics, model or summary: the disk is full or gone
         raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}); {kept()}. Free disk space, then {resume_hint}") from None

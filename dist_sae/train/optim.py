@@ -2,7 +2,7 @@
 
 The driver owns θ (one flat float64 vector) and the optimizer state; the Problem computes
 exact evaluations however it likes (one process, or a Ray cluster). The exactness contract of
-SPEC §3 is decided here:
+The exactness table of docs/maths.md §5 is decided here:
 
 | method        | ρ̂ used for the step                                   | gradient            |
 | lbfgs, gd     | exact, at the current θ                                | exact ∇J            |

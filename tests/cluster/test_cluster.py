@@ -1,4 +1,4 @@
-"""The Ray layer against the single-process engine (SPEC §4).
+"""The Ray layer against the single-process engine (docs/maths.md §4).
 
 Pure parts (dispatch policy, placement rules, the plain Worker class) run without Ray; the rest
 shares one local Ray per module (`ray_session`, tests/conftest.py), bound to 127.0.0.1.

@@ -9,18 +9,23 @@ not with `ray stop` (which would stop every Ray on the machine).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+
+import dist_sae
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +60,11 @@ def test_cluster_yaml_layout():
     cpu_setup, gpu_setup = " ".join(cpu["worker_setup_commands"]), " ".join(gpu["worker_setup_commands"])
     assert "download.pytorch.org/whl/cpu" in cpu_setup  # CPU torch on CPU nodes only
     assert "whl/cpu" not in gpu_setup and "torch==" in gpu_setup  # a CUDA torch on GPU nodes
-    assert all("pip install -e ~/dist_sae" in s for s in (cpu_setup, gpu_setup, " ".join(cfg["head_setup_commands"])))
+    # Every node installs the pinned release from the wheels copied to it, the version this checkout builds.
+    pinned = f'pip install "dist_sae=={dist_sae.__version__}" --find-links ~/dist_sae_wheels'
+    assert all(pinned in s for s in (cpu_setup, gpu_setup, " ".join(cfg["head_setup_commands"])))
+    assert cfg["file_mounts"]["~/dist_sae_wheels"] == "./dist" and "~/dist_sae" not in cfg["file_mounts"]
+    assert f"dist_sae-{dist_sae.__version__}-py3-none-any.whl" in (REPO / "cluster.yaml").read_text()
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
     assert "RAY_AUTH_MODE=token" in " ".join(cfg["worker_start_ray_commands"])
@@ -99,7 +108,8 @@ def head():
         "--temp-dir", temp_dir,
     ]
     log = open(Path(temp_dir) / "ray-start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Started outside the checkout, as a cluster's head is: a job without a working dir runs there.
+    proc = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_job_server(url, token, proc, Path(temp_dir) / "ray-start.log")
@@ -160,22 +170,13 @@ def _stop_group(proc: subprocess.Popen) -> None:
             time.sleep(0.1)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_training_job_through_the_jobs_api(head, tmp_path):
+def _submit(url: str, env: dict, extra: list[str], train_args: list[str]) -> str:
+    """scripts/submit.sh with --no-wait; waits for the job to end and returns its logs (asserting success)."""
     from ray.job_submission import JobStatus
 
-    from util import make_dataset, smooth_patches
-
-    url, env = head
-    data, out = tmp_path / "data", tmp_path / "run"
-    make_dataset(data, smooth_patches(600, seed=2), shard_rows=250)
     submission_id = f"dist-sae-test-{secrets.token_hex(4)}"
-    # The documented way: scripts/submit.sh (ray job submit --working-dir . -- dist-sae train ...).
     subprocess.run(
-        [str(REPO / "scripts" / "submit.sh"), "--address", url, "--no-wait", "--submission-id", submission_id, "--",
-         "--data", str(data), "--out", str(out), "--quiet",
-         "optim.steps=3", "workers.num=2", "model.hidden=[5]", "data.block_rows=100", "run.report=false"],
+        [str(REPO / "scripts" / "submit.sh"), "--address", url, *extra, "--no-wait", "--submission-id", submission_id, "--", *train_args],
         env=env, check=True, capture_output=True, text=True, timeout=120,
     )
     client = _client(url, env["RAY_AUTH_TOKEN"])
@@ -186,11 +187,52 @@ def test_training_job_through_the_jobs_api(head, tmp_path):
         status = client.get_job_status(submission_id)
     logs = client.get_job_logs(submission_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "trained 3 steps" in logs
-    # Outputs land on the head's disk (here: this machine), where the driver and server ran.
-    for name in ("model.safetensors", "config.json", "metrics.jsonl", "run.json"):
-        assert (out / name).is_file(), name
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    return logs
+
+
+def _built_wheel(folder: Path) -> Path:
+    """The wheel of this checkout (no build isolation: no index needed), built from a copy so that
+    no build/ or egg-info is left in the checkout."""
+    src = folder / "src"
+    shutil.copytree(REPO / "dist_sae", src / "dist_sae", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder), str(src)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (wheel,) = folder.glob("dist_sae-*.whl")
+    return wheel
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_job_through_the_jobs_api(head, tmp_path):
+    """The two documented paths: the checkout as the job's working dir, and the built wheel as its
+    py_modules (no checkout on the cluster). Both train to the same θ, bit for bit."""
+    from safetensors.numpy import load_file
+
+    from util import make_dataset, smooth_patches
+
+    url, env = head
+    data = tmp_path / "data"
+    make_dataset(data, smooth_patches(600, seed=2), shard_rows=250)
+    settings = ["--quiet", "optim.steps=3", "workers.num=2", "model.hidden=[5]", "data.block_rows=100", "run.report=false"]
+    runs = {}
+    for path, extra in (("checkout", []), ("wheel", ["--wheel", str(_built_wheel(tmp_path / "wheel"))])):
+        out = tmp_path / path
+        logs = _submit(url, env, extra, ["--data", str(data), "--out", str(out), *settings])
+        assert "trained 3 steps" in logs
+        # Outputs land on the head's disk (here: this machine), where the driver and server ran.
+        for name in ("model.safetensors", "config.json", "metrics.jsonl", "run.json"):
+            assert (out / name).is_file(), name
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+        runs[path] = json.loads((out / "run.json").read_text()), load_file(out / "model.safetensors")
+    (checkout, theta_checkout), (wheel, theta_wheel) = runs["checkout"], runs["wheel"]
+    # The wheel job imported dist_sae from its py_modules copy, not from any checkout on the node.
+    assert not Path(wheel["package"]).is_relative_to(REPO) and "runtime_resources" in wheel["package"], wheel["package"]
+    assert checkout["version"] == wheel["version"] == dist_sae.__version__
+    assert theta_checkout.keys() == theta_wheel.keys()
+    for name in theta_checkout:
+        np.testing.assert_array_equal(theta_checkout[name], theta_wheel[name])
 
 
 def test_a_client_without_the_token_is_refused(head):

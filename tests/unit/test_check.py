@@ -162,3 +162,20 @@ def test_info_and_png_grid(tmp_path, capsys):
     assert "rows 1797" in out and "per-feature std" in out and (tmp_path / "g.png").is_file()
     syn = prep.build_synthetic(tmp_path / "s", rows=100, dim=5)
     assert main(["data", "info", str(syn.path), "--png", str(tmp_path / "no.png")]) == 2
+
+
+def test_png_grid_of_flat_rows(tmp_path, capsys):
+    """Flat rows: a square dimension is drawn as squares (64 → 8×8); --shape H W picks any fitting shape."""
+    from PIL import Image
+
+    flat = prep.build_synthetic(tmp_path / "flat", rows=50, dim=64)
+    assert flat.sample_shape == [64]
+    assert main(["data", "info", str(flat.path), "--png", str(tmp_path / "sq.png"), "--samples", "16"]) == 0
+    assert Image.open(tmp_path / "sq.png").size == (4 * (4 * 9 + 1), 4 * (4 * 9 + 1))  # 4×4 tiles of 8×8 (+1 border)
+    assert main(["data", "info", str(flat.path), "--png", str(tmp_path / "r.png"), "--samples", "16", "--shape", "4", "16"]) == 0
+    assert Image.open(tmp_path / "r.png").size == (4 * (4 * 17 + 1), 4 * (4 * 5 + 1))
+    capsys.readouterr()
+    syn = prep.build_synthetic(tmp_path / "s", rows=20, dim=10)
+    assert main(["data", "info", str(syn.path), "--png", str(tmp_path / "no.png"), "--shape", "3", "3"]) == 2
+    assert "--shape 3 3 does not fit rows of 10 features" in capsys.readouterr().err
+    assert main(["data", "info", str(syn.path), "--png", str(tmp_path / "ok.png"), "--shape", "2", "5"]) == 0

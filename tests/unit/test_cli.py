@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,9 +48,44 @@ def test_evaluate_overrides_hyperparameters(tmp_path, data, capsys):
 
 
 def test_gradcheck_prints_relative_error(data, capsys):
-    assert main(["gradcheck", "--data", data, "model.hidden=[3]"]) == 0
+    """By default a seeded sample of 100 coordinates; --all checks every one (6-3-6: 45 parameters)."""
+    assert main(["gradcheck", "--data", data, "model.hidden=[10]"]) == 0
     line = capsys.readouterr().out
     assert "‖num−ana‖/‖num+ana‖" in line and float(line.split("= ")[1].split()[0]) < 1e-9
+    assert "over 100 of 136 parameters" in line
+    assert main(["gradcheck", "--data", data, "--all", "model.hidden=[3]"]) == 0
+    assert "over 45 of 45 parameters" in capsys.readouterr().out
+
+
+def test_overrides_are_accepted_after_options(tmp_path, data, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "model.hidden=[4]", "--data", data, "--out", out, "--local", "--quiet", "optim.steps=3", "run.report=false"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["hidden"] == [4]
+    assert main(["train", "--data", data, "--out", out, "--local", "not-an-override"]) == 2
+    assert "override 'not-an-override' is not key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", data, "--out", out, "--local", "a.b=1", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_version_is_printed_and_recorded_in_runs_and_checkpoints(tmp_path, data, capsys):
+    import dist_sae
+    from dist_sae.train.checkpoint import latest_checkpoint
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"dist-sae {dist_sae.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dist_sae.__version__)  # semantic versioning
+    out = tmp_path / "run"
+    main(["train", "--local", "--quiet", "--data", data, "--out", str(out), "model.hidden=[4]", "optim.steps=2", "run.report=false"])
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["version"] == dist_sae.__version__ and summary["package"] == str(Path(dist_sae.__file__).resolve().parent)
+    assert latest_checkpoint(out)[1]["version"] == dist_sae.__version__
+    capsys.readouterr()
+    assert main(["train", "--local", "--quiet", "--resume", str(out), "optim.steps=3"]) == 0
+    assert f"resumed from step 2 (checkpoint written by dist_sae {dist_sae.__version__})" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == {"step": 2, "version": dist_sae.__version__}
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from util import make_dataset, smooth_patches
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory):
     path = tmp_path_factory.mktemp("cmp") / "d"
-    ds = make_dataset(path, smooth_patches(400, seed=2), shard_rows=150, sample_shape=[8, 8])
+    make_dataset(path, smooth_patches(400, seed=2), shard_rows=150, sample_shape=[8, 8])
     return path
 
 
@@ -49,3 +49,13 @@ def test_compare_rejects_different_seeds_before_training(tmp_path, patches):
     with pytest.raises(ConfigError, match="same seed"):
         compare([a, b], patches, tmp_path / "out", ["workers.engine=local"])
     assert not (tmp_path / "out" / "a").exists()
+
+
+def test_compare_with_a_missing_config_exits_2_and_creates_nothing(tmp_path, patches, capsys):
+    a = _write(tmp_path / "a.yaml", "model:\n  hidden: [4]\n")
+    out = tmp_path / "out"
+    assert main(["compare", a, str(tmp_path / "missing.yaml"), "--data", str(patches), "--out", str(out), "--local"]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["compare", a, a, "--names", "x,y", "--data", str(tmp_path / "no-data"), "--out", str(out), "--local"]) == 2
+    assert not out.exists()

@@ -74,9 +74,20 @@ def test_every_field_is_documented():
 
 
 def test_shipped_example_configs_are_valid():
-    from pathlib import Path
+    from dist_sae.config import example_configs
 
-    files = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    files = example_configs()
     assert len(files) >= 5
-    for path in files:
+    for path in files.values():
         load_config(path)  # raises ConfigError naming the file and field if one rots
+
+
+def test_a_shipped_example_is_found_by_name_and_a_missing_file_lists_them():
+    from dist_sae.config import example_configs
+
+    assert load_config("kl.yaml").sparsity.kind == "kl"  # no kl.yaml here: the packaged one
+    assert load_config("topk").sparsity.kind == "topk"
+    with pytest.raises(ConfigError, match="kl.yaml") as err:
+        load_config("no-such-config.yaml")
+    assert "does not exist" in str(err.value) and "seed001.yaml" in str(err.value)
+    assert set(example_configs()) >= {"kl.yaml", "topk.yaml", "plain.yaml", "seed001.yaml", "notes.yaml", "l1.yaml"}

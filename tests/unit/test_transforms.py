@@ -141,3 +141,19 @@ def test_pca_keeps_k_components_of_mean_free_rows_without_epsilon(tmp_path):
     assert ds.dim == 3
     with pytest.raises(DataError, match="singular"):
         build_from_npy(tmp_path / "x.npy", tmp_path / "z", preprocessing=[StepSpec("zca")])
+
+
+def test_whitening_on_fewer_rows_than_dimensions_warns_with_the_numbers(tmp_path, caplog):
+    """15 rows of 32 features: ZCA (and PCA keeping more than 14 components) is set by ε, not data."""
+    from dist_sae.data.build import build_from_npy
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(15, 32)))
+    with caplog.at_level("WARNING", logger="dist_sae.data.transforms"):
+        build_from_npy(tmp_path / "x.npy", tmp_path / "z", preprocessing=[StepSpec("zca", 0.1)])
+    text = caplog.text
+    assert "zca whitening fitted on 15 rows of 32 dimensions" in text and "rank <= 14" in text
+    assert "at least 33" in text and "--pca 14" in text and "--epsilon" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dist_sae.data.transforms"):
+        build_from_npy(tmp_path / "x.npy", tmp_path / "p", preprocessing=[StepSpec("pca", 0.1, 10)])
+    assert caplog.text == ""  # 10 components from rank 14: determined by the data
