@@ -224,7 +224,7 @@ class ShardCache:
             next shard arrives while this one is computed.
     """
 
-    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None, verify: str = "stamp", read_ahead: int = 1) -> None:
+    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None, verify: str = "stamp", read_ahead: int = 0) -> None:
         self.root = Path(root) if root else default_cache_root()
         self.max_bytes = max_bytes
         if verify not in ("stamp", "hash"):

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from dist_sae.errors import DataError
-from dist_sae.data.storage import file_sha256
+from dist_sae.data.storage import file_sha256, is_url
 from dist_sae.data.dataset import DATASET_KEY, FORMAT, MANIFEST, Dataset, ShardInfo, fingerprint_of, fsync_path
 
 
@@ -51,6 +51,8 @@ class DatasetWriter:
         overwrite: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
+        if is_url(out):  # builders upload through dataset.publishing; a bare writer writes a local folder
+            raise DataError(f"{out}: this output must be a local folder (only `dist-sae data build`/`transform` write to object storage)")
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise DataError(f"{self.out} already exists; choose another --out or pass --overwrite")
