@@ -15,6 +15,7 @@ import torch
 from dist_sae.train.checkpoint import latest_checkpoint
 from dist_sae.config import Config, load_config
 from dist_sae.data.dataset import Dataset
+from dist_sae.data.storage import shard_cache
 from dist_sae.train.inputs import bind_dataset, inherited_transform
 from dist_sae.train.passes import local_problem
 from dist_sae.errors import CheckpointError, ConfigError
@@ -54,7 +55,7 @@ def train(
     if not cfg.run.out:
         raise ConfigError("no run directory: give --out DIR (or run.out=DIR)")
     writer_class = _tensorboard_class(cfg)  # fails before any work when the package is missing
-    dataset = Dataset.open(cfg.data.path)
+    dataset = Dataset.open(cfg.data.path, cache=shard_cache(cfg.data))
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
     # Everything a user can get wrong is checked before the run dir is touched: nothing of an
@@ -124,7 +125,8 @@ def _write_report(run_dir: Path, problem) -> None:
 def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = None) -> tuple[Evaluation, Config]:
     """Exact J, its terms and ∇J of a saved model over a dataset (hyperparameters from the model's config)."""
     model_obj, cfg = load_model(model)
-    dataset = Dataset.open(data)
+    cfg = cfg.with_overrides([o for o in overrides or [] if o.startswith("data.local_cache")])
+    dataset = Dataset.open(data, cache=shard_cache(cfg.data))
     # Noise belongs to training passes; evaluate reports the clean objective unless told otherwise.
     # New raw data gets the training data's saved preprocessing.
     inherit = inherited_transform(cfg.data.path, dataset)
@@ -152,7 +154,7 @@ def gradcheck(cfg: Config, epsilon: float = 1e-4, coords: int = 0, init: str | P
     if not cfg.data.path:
         raise ConfigError("no data: give --data DIR (or data.path=DIR)")
     cfg = cfg.with_overrides({"compute.dtype": "float64", "workers.engine": "local"})
-    dataset = Dataset.open(cfg.data.path)
+    dataset = Dataset.open(cfg.data.path, cache=shard_cache(cfg.data))
     cfg = bind_dataset(cfg, dataset)
     problem = local_problem(cfg, dataset)
     try:
@@ -187,7 +189,7 @@ def load(run_dir: str | Path, dtype: torch.dtype = torch.float64) -> SparseAutoe
 def evaluate_at_init(data: str | Path, overrides: list[str] | None = None) -> Evaluation:
     """Exact J and ∇J at the seeded initialisation of the configured model (benchmarks, checks)."""
     cfg = load_config(None, list(overrides or []) + [f"data.path={data}"])
-    dataset = Dataset.open(data)
+    dataset = Dataset.open(data, cache=shard_cache(cfg.data))
     cfg = bind_dataset(cfg, dataset)
     session = open_session(cfg, dataset)
     try:

@@ -163,6 +163,14 @@ class DataConfig(Section):
     """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local); 0 reads inline. Ray workers read one unit ahead by having two units in flight."""
     cache_mb: int = Field(default=512, ge=0)
     """Keep blocks a worker has read (converted to the compute dtype, on its device) for later passes, up to this many MB per worker; repeated L-BFGS passes over data that fits then skip HDF5. 0: always stream."""
+    local_cache: str | None = None
+    """Node-local folder where shards of an object-store dataset (data.path=s3://...) are kept between passes and runs. Empty: on Ray workers <Ray temp dir>/dist_sae_cache (always node-local), elsewhere $DIST_SAE_CACHE or ~/.cache/dist_sae."""
+    local_cache_gb: float = Field(default=0.0, ge=0.0)
+    """Bound on the shard cache's size in GB (least recently used shards evicted); 0: no bound."""
+    read_ahead_shards: int = Field(default=0, ge=0)
+    """From object storage: shards after the one being read that download in the background (whole, verified, into data.local_cache) while it is computed; 0: each shard is fetched when first read (measured as fast on a CPU-bound node, see README)."""
+    local_cache_verify: Literal["stamp", "hash"] = "stamp"
+    """How a cached shard is checked against dataset.json's size and SHA-256 before use: stamp (hashed when it arrived; trusted while its size and mtime are unchanged) or hash (re-hashed once per process)."""
     transform: str | None = None
     """Dataset folder whose saved preprocessing (transform.safetensors) is applied to every row read, so raw data is seen as the training data was; empty: rows are used as stored. evaluate/encode set it to the training data when new data carries no preprocessing."""
 

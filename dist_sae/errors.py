@@ -17,6 +17,10 @@ class DataError(DistSaeError):
     """A dataset folder, shard or row that cannot be used as it is."""
 
 
+class StorageError(DataError):
+    """Object storage that cannot be reached, read or written (a URL, the credentials, the endpoint)."""
+
+
 class ModelError(DistSaeError):
     """A model file that is missing, corrupt, or does not fit the data or config."""
 

@@ -6,6 +6,7 @@ actors. Nothing here starts unless a test asks for `ray_session`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -39,6 +40,29 @@ def ray_session():
     finally:
         runtime.stop_local()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_s3(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 for the module, its endpoint and credentials in the
+    environment (so Ray workers started after it inherit them), a private shard cache; all undone at the end."""
+    from s3util import LocalS3
+
+    folder = tmp_path_factory.mktemp("s3")
+    server = LocalS3(folder)
+    saved = {k: os.environ.get(k) for k in [*server.env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "DIST_SAE_CACHE"]}
+    os.environ.update(server.env, DIST_SAE_CACHE=str(folder / "cache"))
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,6 +24,7 @@ import numpy as np
 
 from dist_sae.session import open_session
 from dist_sae.data.dataset import Dataset
+from dist_sae.data.storage import is_url
 from dist_sae.data.writer import DatasetWriter
 from dist_sae.train.inputs import bind_dataset, inherited_transform
 from dist_sae.errors import DataError, ModelError
@@ -90,6 +91,8 @@ def transform_dataset(
     if layer is not None and not 1 <= layer <= model_obj.num_encoder:
         raise ModelError(f"--layer {layer} is out of range: {model} has {model_obj.num_encoder} encoder layer(s) (model.hidden={model_obj.hidden})")
     dataset = Dataset.open(data)
+    if is_url(out):
+        raise DataError(f"--out {out}: encode writes a local dataset folder; upload it afterwards (object-storage output is for `dist-sae data build`)")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another --out or pass --overwrite")

@@ -28,7 +28,7 @@ import ray
 from dist_sae.config import Config
 from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
 from dist_sae.train.passes import PASS_KINDS
-from dist_sae.errors import TrainingError
+from dist_sae.errors import StorageError, TrainingError
 from dist_sae.sae.sums import OrderedReducer, Sums
 from dist_sae.cluster import runtime
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
@@ -135,7 +135,12 @@ class RayEvaluator:
                     self._failed(w, f"it was lost while running work unit {uid} ({runtime.last_line(exc)})", dispatcher, pending)
                     continue
                 except ray.exceptions.RayError as exc:
-                    raise runtime.library_error(exc, f"work unit {uid} on worker {w}") from None
+                    error = runtime.library_error(exc, f"work unit {uid} on worker {w}")
+                    if not isinstance(error, StorageError):
+                        raise error from None
+                    # A shard that stays unreadable (after the storage retries) fails the unit like a worker fault.
+                    self._failed(w, f"work unit {uid}: {error}", dispatcher, pending)
+                    continue
                 dispatcher.complete(w, uid)
                 self._affinity[uid] = w
                 yield by_id[uid], result

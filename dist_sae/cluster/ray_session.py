@@ -102,7 +102,7 @@ class ClusterSession:
         self.server: Any = None
         self.worker_info: list[dict[str, Any]] = []
         # Actors may run in another working directory (a Ray job's): give them an absolute path.
-        self.dataset_path = str(Path(dataset.path).resolve())
+        self.dataset_path = dataset.url or str(Path(dataset.path).resolve())
         self._config = cfg.with_overrides({"data.path": self.dataset_path}).model_dump()
         requested = len(worker_specs) if worker_specs else cfg.workers.num
         self._ray = runtime.connect(cfg.workers, dashboard=dashboard, num_cpus=_local_cpus(requested, cfg.workers))

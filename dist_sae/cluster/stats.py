@@ -36,7 +36,7 @@ def ray_sums_fn(dataset: Dataset, block_rows: int, address: str | None = None, m
     connect(WorkersConfig(address=address), dashboard=False)
     remote = ray.remote(num_cpus=1)(unit_partial_sums)
     units = dataset.units(block_rows, align=False)
-    folder = str(dataset.path.resolve())
+    folder = dataset.url or str(dataset.path.resolve())
 
     def run(kind: str, center, pre: Transform) -> dict:
         center_ref, pre_ref = ray.put(center), ray.put(pre)

@@ -44,6 +44,16 @@ def _node_id() -> str | None:
         return None
 
 
+def _ray_temp_dir() -> str | None:
+    """This node's Ray temp dir (e.g. /tmp/ray), or None outside Ray."""
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_temp_dir_path() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 class Worker:
     """One worker: θ in, per-unit float64 sums out.
 
@@ -66,6 +76,8 @@ class Worker:
         delay_s: float = 0.0,
     ) -> None:
         cfg = from_dict(config)
+        if cfg.data.local_cache is None and _ray_temp_dir():  # node-local by construction (a home may be NFS)
+            cfg = cfg.with_overrides({"data.local_cache": os.path.join(_ray_temp_dir(), "dist_sae_cache")})
         self.index = index
         self.delay_s = delay_s
         device = resolve_device(cfg.compute.device, gpus)

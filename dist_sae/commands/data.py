@@ -201,7 +201,7 @@ def cmd_transform(args) -> int:
 
 def _summary(ds) -> None:
     steps = ", ".join(p["kind"] for p in ds.preprocessing) or "none"
-    print(f"wrote {ds.rows} rows of {ds.dim} features ({'x'.join(map(str, ds.sample_shape))}, {ds.dtype}) in {len(ds.shards)} shard(s) to {ds.path}")
+    print(f"wrote {ds.rows} rows of {ds.dim} features ({'x'.join(map(str, ds.sample_shape))}, {ds.dtype}) in {len(ds.shards)} shard(s) to {ds.location}")
     print(f"preprocessing: {steps}; fingerprint {ds.fingerprint}")
 
 

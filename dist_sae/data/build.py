@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dist_sae.data.reader import BlockReader, prefetch
-from dist_sae.data.dataset import Dataset
+from dist_sae.data.dataset import Dataset, publishing
 from dist_sae.data.writer import DatasetWriter
 from dist_sae.errors import DataError
 from dist_sae.data.patches import PatchSource
@@ -95,6 +95,7 @@ def _counted(stream, total, desc, quiet):
         bar.close()
 
 
+@publishing
 def build(
     source: Source,
     out: str | Path,
@@ -202,6 +203,7 @@ def _build_staged(source, out, specs, stats, *, base, block_rows, dtype, **kw) -
     return ds
 
 
+@publishing
 def transform_dataset(
     in_dir: str | Path,
     out: str | Path,

@@ -20,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dist_sae.data.storage import is_url, join
 from dist_sae.data.dataset import DATASET_KEY, MANIFEST, Dataset, ShardInfo, fingerprint_of
 from dist_sae.errors import DataError
 
@@ -73,7 +74,21 @@ def check_dataset(path: str | Path, block_rows: int = 65536, progress=None) -> l
     Args:
         block_rows: rows read at a time (memory is one block).
         progress: optional callable(rows_done) called after each block.
+
+    An object-store URL is checked in its local mirror, after every shard is fetched (and checked
+    against dataset.json's size and SHA-256); a bad URL raises DataError.
     """
+    if is_url(path):
+        ds = Dataset.open(path, verify_shards=False)
+        fetched = []
+        for i, info in enumerate(ds.shards):
+            try:
+                ds.shard_path(i)
+            except DataError as exc:
+                fetched.append(Problem(join(ds.url, info.file), str(exc), (0, info.rows)))
+        if fetched:
+            return fetched
+        path = ds.path
     path = Path(path)
     meta, problems = _read_manifest(path)
     if meta is None:
@@ -213,13 +228,13 @@ def dataset_info(path: str | Path, max_rows: int | None = None, block_rows: int 
         return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()), "mean": float(v.mean())}
 
     return {
-        "path": str(ds.path),
+        "path": ds.location,
         "rows": ds.rows,
         "dim": ds.dim,
         "sample_shape": ds.sample_shape,
         "dtype": ds.dtype,
         "shards": len(ds.shards),
-        "bytes_on_disk": _du(ds.path),
+        "bytes_on_disk": sum(s.size or 0 for s in ds.shards) if ds.url else _du(ds.path),
         "fingerprint": ds.fingerprint,
         "source": ds.meta.get("source"),
         "preprocessing": ds.preprocessing,

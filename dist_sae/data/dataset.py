@@ -7,16 +7,20 @@ renamed into place only when complete, so an interrupted build leaves nothing th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 
+from dist_sae.data import storage
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,11 +54,17 @@ class ShardInfo:
     file: str
     rows: int
     sha256: str | None = None  # of the shard's row bytes, C order, as written
+    size: int | None = None  # of the file, bytes
+    file_sha256: str | None = None  # of the file's bytes: what a downloaded or cached copy is checked against
 
 
 @dataclass
 class Dataset:
-    """An opened dataset folder: the manifest, checked against the shard files (cheap checks only)."""
+    """An opened dataset folder: the manifest, checked against the shard files (cheap checks only).
+
+    Opened from an object-store URL, `url` is that prefix and `path` its local mirror in the shard
+    cache (dataset.json and the side files; shards arrive when a reader first needs them).
+    """
 
     path: Path
     dim: int
@@ -65,20 +75,68 @@ class Dataset:
     fingerprint: str
     preprocessing: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None
+    cache: storage.ShardCache | None = field(default=None, repr=False)
+
+    @property
+    def location(self) -> str:
+        """Where the dataset lives, as a user names it (and every node can reach it): the URL or the folder."""
+        return self.url or str(self.path)
 
     @classmethod
-    def open(cls, path: str | Path, verify_shards: bool = True) -> Dataset:
+    def open(cls, path: str | Path, verify_shards: bool = True, cache: storage.ShardCache | None = None) -> Dataset:
         """Read `dataset.json`; with verify_shards, check every shard exists with the right shape and dtype.
 
+        `path` may be an object-store URL (s3://bucket/prefix): the manifest is read from there and
+        the shards are fetched into `cache` (default: storage.ShardCache()) as they are read; the
+        check is then against the bucket's listing (every shard present with the recorded size).
+
         Raises:
-            DataError: naming the folder, file or field that is wrong.
+            DataError: naming the folder, URL, file or field that is wrong (StorageError for the store).
         """
+        if storage.is_url(path):
+            return cls._open_url(str(path).rstrip("/"), verify_shards, cache or storage.ShardCache())
         path = Path(path)
         manifest = path / MANIFEST
         if not path.is_dir():
             raise DataError(f"data folder {path} does not exist")
         if not manifest.is_file():
             raise DataError(f"{path} has no {MANIFEST}: it is not a dataset folder (build one with `dist-sae data build`)")
+        ds = cls._from_manifest(path, manifest)
+        if verify_shards:
+            for i in range(len(ds.shards)):
+                ds.check_shard(i)
+        return ds
+
+    @classmethod
+    def _open_url(cls, url: str, verify_shards: bool, cache: storage.ShardCache) -> Dataset:
+        objects = storage.listing(url)  # a missing bucket, denied access or no endpoint fails here
+        if MANIFEST not in objects:
+            if objects:
+                raise DataError(f"{url} has no {MANIFEST}: it is not a complete dataset (a build still running or interrupted?); "
+                                f"build one with `dist-sae data build --out {url}`")
+            raise DataError(f"{url}: no objects under this prefix; check the URL, or build a dataset there with `dist-sae data build --out {url}`")
+        mirror = cache.local_path(url)
+        mirror.mkdir(parents=True, exist_ok=True)
+        tmp = mirror / f"{MANIFEST}.{os.getpid()}.tmp"  # other processes of this node may be reading it
+        tmp.write_bytes(storage.read_bytes(storage.join(url, MANIFEST)))
+        os.replace(tmp, mirror / MANIFEST)
+        ds = cls._from_manifest(mirror, mirror / MANIFEST)
+        ds.url, ds.cache = url, cache
+        shard_files = {s.file for s in ds.shards}
+        for name, size in objects.items():  # side files (transform.safetensors, ...): small, fetched now
+            if name != MANIFEST and name not in shard_files and "/" not in name and size <= storage.SIDE_FILE_MAX:
+                cache.fetch(storage.join(url, name), size, None)
+        if verify_shards:
+            for info in ds.shards:
+                if info.file not in objects:
+                    raise DataError(f"shard {storage.join(url, info.file)} listed in {MANIFEST} is missing")
+                if info.size is not None and objects[info.file] != info.size:
+                    raise DataError(f"shard {storage.join(url, info.file)} has {objects[info.file]} bytes, {MANIFEST} says {info.size}; rebuild the dataset")
+        return ds
+
+    @classmethod
+    def _from_manifest(cls, path: Path, manifest: Path) -> Dataset:
         try:
             meta = json.loads(manifest.read_text())
             shards = [ShardInfo(**s) for s in meta["shards"]]
@@ -99,13 +157,21 @@ class Dataset:
             raise DataError(f"{manifest}: shard row counts sum to {sum(s.rows for s in shards)}, but rows={ds.rows}")
         if ds.rows == 0:
             raise DataError(f"{manifest}: the dataset has no rows")
-        if verify_shards:
-            for i in range(len(shards)):
-                ds.check_shard(i)
         return ds
 
     def shard_path(self, index: int) -> Path:
-        return self.path / self.shards[index].file
+        """The shard's local file; from object storage, fetched into the cache (verified) first."""
+        info = self.shards[index]
+        if self.url is None:
+            return self.path / info.file
+        path = self.cache.fetch(*self._fetch_args(index))
+        for ahead in range(index + 1, min(index + 1 + self.cache.read_ahead, len(self.shards))):
+            self.cache.prefetch(*self._fetch_args(ahead))  # the next shard downloads while this one is read
+        return path
+
+    def _fetch_args(self, index: int) -> tuple:
+        info = self.shards[index]
+        return storage.join(self.url, info.file), info.size, info.file_sha256, lambda p: row_sha256(p) == info.sha256
 
     def check_shard(self, index: int) -> None:
         """Cheap check of one shard: it opens, has `x` of (rows, dim) and the manifest's dtype."""
@@ -130,7 +196,9 @@ class Dataset:
             raise DataError(f"shard {file}: dtype {dtype}, {MANIFEST} says {self.dtype}")
 
     def chunk_rows(self) -> int:
-        """Rows per HDF5 chunk of the first shard (1 when not chunked)."""
+        """Rows per HDF5 chunk of the first shard (1 when not chunked); the manifest's `chunk_rows` when recorded."""
+        if self.meta.get("chunk_rows"):
+            return int(self.meta["chunk_rows"])
         with h5py.File(self.shard_path(0), "r") as f:
             chunks = f[DATASET_KEY].chunks
         return chunks[0] if chunks else 1
@@ -163,12 +231,51 @@ class Dataset:
 # ---- writing -------------------------------------------------------------------------------
 
 
+def publishing(build_fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """Let a builder's `out` (its second argument) be an object-store URL.
+
+    The dataset is built into a local temporary folder as usual, then its shards and side files
+    are uploaded and dataset.json last, so a reader never sees a prefix as a dataset before it is
+    complete. Replacing a dataset (overwrite=True) first removes the old dataset.json.
+    """
+
+    @functools.wraps(build_fn)
+    def wrapper(source: Any, out: str | Path, *args: Any, **kwargs: Any) -> Dataset:
+        if not storage.is_url(out):
+            return build_fn(source, out, *args, **kwargs)
+        url = str(out).rstrip("/")
+        before = storage.listing(url)  # fails early on a missing bucket, denied access, no endpoint
+        if MANIFEST in before and not kwargs.get("overwrite"):
+            raise DataError(f"{url} already holds a dataset; choose another --out or pass --overwrite")
+        with tempfile.TemporaryDirectory(prefix="dist_sae_build_") as tmp:
+            built = build_fn(source, Path(tmp) / "dataset", *args, **kwargs)
+            if MANIFEST in before:
+                storage.delete(storage.join(url, MANIFEST))
+            storage.upload_folder(built.path, url, last=MANIFEST)
+            for name in set(before) - {p.name for p in built.path.iterdir()}:
+                storage.delete(storage.join(url, name))  # the replaced dataset's leftovers
+        log.info("uploaded %d shards to %s", len(built.shards), url)
+        return Dataset.open(url)
+
+    return wrapper
+
+
 def fingerprint_of(shards: list[ShardInfo], dim: int, dtype: str) -> str:
     """Content fingerprint: SHA-256 over dim, dtype and each shard's row hash, in shard order."""
     h = hashlib.sha256(f"{dim}|{dtype}".encode())
     for s in shards:
         h.update(f"|{s.rows}:{s.sha256}".encode())
     return "sha256:" + h.hexdigest()
+
+
+def row_sha256(file: Path, block_rows: int = 65536) -> str:
+    """SHA-256 of a shard's row bytes (what dataset.json's per-shard `sha256` records)."""
+    h = hashlib.sha256()
+    with h5py.File(file, "r") as f:
+        x = f[DATASET_KEY]
+        for start in range(0, x.shape[0], block_rows):
+            h.update(x[start : start + block_rows].tobytes())
+    return h.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

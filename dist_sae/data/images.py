@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_sae.data.storage import localize
 from dist_sae.errors import DataError
 from dist_sae.data.sources import Source
 
@@ -81,6 +82,7 @@ class ImageFolderSource(Source):
             raise DataError(f"image mode must be gray or rgb, got {mode!r}")
         if fit not in ("resize", "crop"):
             raise DataError(f"fit must be resize or crop, got {fit!r}")
+        folder = localize(folder)
         self.folder, self.mode, self.size, self.fit = Path(folder), mode, size, fit
         self.files = list_images(folder)
         if not self.files:

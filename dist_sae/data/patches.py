@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_sae.data.storage import localize
 from dist_sae.errors import DataError
 from dist_sae.data.sources import Source, reblock
 from dist_sae.data.images import list_images, load_image
@@ -131,7 +132,7 @@ class PatchSource(Source):
         if images is None:
             yield from natural_images()
         elif isinstance(images, (str, Path)):
-            folder = Path(images)
+            folder = Path(localize(images))
             for f in list_images(folder):
                 try:
                     yield f.relative_to(folder).as_posix(), load_image(f, "gray").astype(np.float64)

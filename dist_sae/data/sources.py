@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_sae.data.storage import localize
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class NpySource(Source):
 
     def __init__(self, path: str | Path, sample_shape: list[int] | None = None) -> None:
         super().__init__()
+        path = localize(path)
         self.path = Path(path)
         x = open_npy(path)
         if x.ndim < 2:
@@ -163,6 +165,7 @@ class IdxSource(Source):
 
     def __init__(self, path: str | Path, scale: bool = True) -> None:
         super().__init__()
+        path = localize(path)
         self.path = Path(path)
         self.file_dtype, dims, self.header = read_idx_header(path)
         if len(dims) < 2:

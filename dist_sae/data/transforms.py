@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.storage import is_url
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -331,6 +333,8 @@ def load_transform(dataset_dir: str | Path) -> Transform | None:
     and `.inverse(y)` to show reconstructions in the original units (see the module docstring for
     what the notes' normalisation cannot undo).
     """
+    if is_url(dataset_dir):  # an object-store dataset: its mirror holds dataset.json and the transform file
+        dataset_dir = Dataset.open(dataset_dir, verify_shards=False).path
     folder = Path(dataset_dir)
     manifest = folder / "dataset.json"
     if not manifest.is_file():

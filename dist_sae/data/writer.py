@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from dist_sae.errors import DataError
+from dist_sae.data.storage import file_sha256, is_url
 from dist_sae.data.dataset import DATASET_KEY, FORMAT, MANIFEST, Dataset, ShardInfo, fingerprint_of, fsync_path
 
 
@@ -50,6 +51,8 @@ class DatasetWriter:
         overwrite: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
+        if is_url(out):  # builders upload through dataset.publishing; a bare writer writes a local folder
+            raise DataError(f"{out}: this output must be a local folder (only `dist-sae data build`/`transform` write to object storage)")
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise DataError(f"{self.out} already exists; choose another --out or pass --overwrite")
@@ -92,7 +95,8 @@ class DatasetWriter:
         if self._file is None:
             return
         self._file.close()
-        self.shards.append(ShardInfo(self._name, self._rows_in_shard, self._hash.hexdigest()))
+        file = self.tmp / self._name  # size and file hash: what a downloaded or cached copy is checked against
+        self.shards.append(ShardInfo(self._name, self._rows_in_shard, self._hash.hexdigest(), file.stat().st_size, file_sha256(file)))
         self._file = None
 
     def write(self, rows: np.ndarray) -> None:
@@ -126,6 +130,7 @@ class DatasetWriter:
             "rows": self.rows,
             "dtype": str(self.dtype),
             "sample_shape": self.sample_shape,
+            "chunk_rows": self.chunk_rows,
             "shards": [asdict(s) for s in self.shards],
             "fingerprint": fingerprint_of(self.shards, self.dim, str(self.dtype)),
             "preprocessing": self.info.pop("preprocessing", []),

@@ -12,6 +12,7 @@ import torch
 
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset
+from dist_sae.data.storage import is_url
 from dist_sae.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ def bind_dataset(cfg: Config, dataset: Dataset) -> Config:
     visible = cfg.model.visible
     if visible is not None and visible != dim:
         via = "" if transform is None else f" after the preprocessing of {cfg.data.transform}"
-        raise DataError(f"the model takes {visible} inputs (model.visible) but {dataset.path} has rows of {dim} features{via}")
-    return cfg.with_overrides({"model.visible": dim, "data.path": str(dataset.path)})
+        raise DataError(f"the model takes {visible} inputs (model.visible) but {dataset.location} has rows of {dim} features{via}")
+    return cfg.with_overrides({"model.visible": dim, "data.path": dataset.location})
 
 
 
@@ -66,9 +67,10 @@ def inherited_transform(trained_on: str | None, dataset: Dataset) -> list[str]:
     When `dataset` records no preprocessing of its own but the training data folder saved a
     transform, its rows get that transform as they are read (data.transform).
     """
-    if not trained_on or dataset.meta.get("transform") or not Path(trained_on, "dataset.json").is_file():
+    remote = is_url(trained_on)
+    if not trained_on or dataset.meta.get("transform") or not (remote or Path(trained_on, "dataset.json").is_file()):
         return []
-    if Path(trained_on).resolve() == Path(dataset.path).resolve():
+    if trained_on == dataset.location or (not remote and Path(trained_on).resolve() == Path(dataset.path).resolve()):
         return []
     from dist_sae.data.transforms import load_transform
 

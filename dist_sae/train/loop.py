@@ -95,7 +95,7 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
         DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
         errors.Interrupted: on Ctrl-C, after the checkpoint.
     """
-    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path), "version": __version__}
+    info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": dataset.location, "version": __version__}
     state = stepper.state_dict()
     start = int(state["meta"]["step"])
     total = cfg.optim.steps

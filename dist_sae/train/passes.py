@@ -20,6 +20,7 @@ import torch
 from dist_sae.config import Config
 from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
 from dist_sae.data.reader import BlockReader, prefetch
+from dist_sae.data.storage import shard_cache
 from dist_sae.errors import TrainingError
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
@@ -57,7 +58,7 @@ class PassRunner:
         self.cfg = cfg
         self.backward = backward
         self.obj = Objective.from_config(cfg)
-        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset, verify_shards=False)
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset, verify_shards=False, cache=shard_cache(cfg.data))
         self.reader = BlockReader(self.dataset)
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.compute.dtype]

@@ -13,6 +13,7 @@ from typing import Any
 from dist_sae.train.checkpoint import CHECKPOINTS
 from dist_sae.config import Config, config_from_args
 from dist_sae.data.dataset import Dataset
+from dist_sae.data.storage import is_url
 from dist_sae.errors import CheckpointError, DataError
 from dist_sae.sae.model import CONFIG_FILE, MODEL_FILE
 
@@ -28,7 +29,8 @@ SUMMARY_FILE = "run.json"
 # Config keys a resumed run may change freely: they do not change the maths of the run.
 # run.seed is not among them: it sets the batch order and the noise.
 RESUMABLE_CHANGES = (
-    "optim.steps", "workers.", "data.prefetch", "data.path", "data.cache_mb", "compute.threads",
+    "optim.steps", "workers.", "data.prefetch", "data.path", "data.cache_mb", "data.local_cache", "data.local_cache_gb", "data.local_cache_verify",
+    "data.read_ahead_shards", "compute.threads",
     "run.out", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.quiet", "run.tensorboard", "run.report",
 )
 
@@ -141,7 +143,7 @@ def resume_config(run_dir: str | Path, config: str | None = None, overrides: lis
     set_keys = {**set_keys, "run.out": str(run_dir)}
     cfg = config_from_args(str(config or saved), list(overrides or []), **set_keys)
     data_given = set_keys.get("data.path") is not None or any(o.startswith("data.path=") for o in overrides or [])
-    if config is None and not data_given and cfg.data.path and not Path(cfg.data.path).is_dir():
+    if config is None and not data_given and cfg.data.path and not is_url(cfg.data.path) and not Path(cfg.data.path).is_dir():
         raise DataError(
             f"the run's data folder {cfg.data.path} (data.path in {saved}) does not exist; give --data DIR "
             "(the same data; other data needs --allow-change)"
@@ -153,7 +155,7 @@ def resume_config(run_dir: str | Path, config: str | None = None, overrides: lis
 def _check_resume(info: dict[str, Any], cfg: Config, dataset: Dataset, allow_change: bool) -> None:
     problems = []
     if info.get("fingerprint") != dataset.fingerprint:
-        problems.append(f"dataset fingerprint {info.get('fingerprint')} -> {dataset.fingerprint} ({dataset.path})")
+        problems.append(f"dataset fingerprint {info.get('fingerprint')} -> {dataset.fingerprint} ({dataset.location})")
     problems += config_changes(info.get("config", {}), cfg.model_dump())
     if problems and not allow_change:
         raise CheckpointError(
