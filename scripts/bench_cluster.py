@@ -1,12 +1,17 @@
 """Throughput of exact J and ∇J evaluations: the single-process engine against Ray with 1 and 2 workers.
 
     python scripts/bench_cluster.py [--rows 1000000] [--dim 64] [--repeats 3] [--out bench.json]
+    python scripts/bench_cluster.py --scaling [ARGS OF dist_sae.bench.reduce_scaling]
 
 Two datasets: the demo size (10,000 rows × 64, model 64-25-64) and a large synthetic one (default
 1e6 rows × 64) written to a temp dir. For each engine it times full evaluations (pass 1 + pass 2),
 one-pass evaluations, and reports examples/s (rows per second of a whole J, ∇J evaluation), the
 ratio Ray / single-process, and two-pass / one-pass. Each figure is the best of --repeats runs
 after a warm-up (the machine may be shared; the best run is the least disturbed one).
+
+--scaling runs the reduction scaling run instead (dist_sae/bench/reduce_scaling.py: W = 1..32
+small workers on a multi-node ray.cluster_utils cluster, 784-1024-784; server bytes, server busy
+time and pass time per pass for workers.reduce = server, grouped, tree; JSON out).
 """
 
 from __future__ import annotations
@@ -95,6 +100,11 @@ def bench_dataset(name: str, path: Path, hidden: int, repeats: int, workers: lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scaling" in argv:
+        from dist_sae.bench import reduce_scaling
+
+        return reduce_scaling.main([a for a in argv if a != "--scaling"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the large dataset (default 1e6)")
     parser.add_argument("--dim", type=int, default=64, help="features of the large dataset (64 or 256)")

@@ -3,8 +3,9 @@
 θ goes into the object store once per distinct θ (pass 1 and pass 2 at one θ share it); each
 worker call carries the reference and a key, and a worker reloads its model only when the key
 changes. Units are handed out on demand (dispatch.Dispatcher) and the partial sums are added in
-unit-id order (objective.OrderedReducer), so the float64 result is bit-identical for any number of
-workers and any split of the units between them.
+the canonical order of sae/sums.py, here (workers.reduce=server: sums.OrderedReducer) or by
+reducer actors near the data (grouped, tree: cluster/reduce.py), so the float64 result is bit-identical for
+any number of workers, any split of the units between them, and any reduction mode.
 
 Faults: a worker that dies mid-pass (process killed, node removed) or hangs past
 workers.unit_timeout_s loses only its unfinished units; they go back to the queue and the others
@@ -29,8 +30,9 @@ from dist_sae.config import Config
 from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
 from dist_sae.train.passes import PASS_KINDS
 from dist_sae.errors import StorageError, TrainingError
-from dist_sae.sae.sums import OrderedReducer, Sums
+from dist_sae.sae.sums import OrderedReducer, Sums, unit_groups
 from dist_sae.cluster import runtime
+from dist_sae.cluster.reduce import LostResults, Reducers, RemoteReduction, nbytes, resolve_mode
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,12 @@ class RayEvaluator:
         depth: units in flight per worker.
         launcher: starts a new actor for a worker that Ray will not bring back; None: such a
             worker is not replaced and the others carry on.
+        reduce_fault: test-only: a file path; the first grouped/tree reducer call that finds it
+            deletes it and kills its own process (Ray restarts the reducer and reruns the call).
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None) -> None:
+    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None,
+                 reduce_fault: str | None = None) -> None:
         if not workers:
             raise TrainingError("the Ray evaluator needs at least one worker")
         self.cfg = cfg
@@ -83,6 +88,9 @@ class RayEvaluator:
         self._passes = 0
         self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close(), as LocalEvaluator
         self._affinity: dict[int, int] = {}  # unit id -> worker that ran it last (holds it in its cache)
+        self.reduce_fault = reduce_fault
+        self.reducers = Reducers()  # per-node reduction actors (grouped, tree), started on first use
+        self.get_s = 0.0  # time spent in ray.get of unit results (the server's receive time)
 
     # ---- θ in the object store -----------------------------------------------------------
 
@@ -97,12 +105,13 @@ class RayEvaluator:
 
     # ---- passes --------------------------------------------------------------------------
 
-    def _results(self, units: list[WorkUnit], submit, below=None) -> Iterator[tuple[WorkUnit, Any]]:
+    def _results(self, units: list[WorkUnit], submit, below=None, seed: dict[int, int] | None = None) -> Iterator[tuple[WorkUnit, Any]]:
         """Dispatch `units` on demand; yield (unit, result) as results arrive, each unit exactly once.
 
         Args:
-            submit: (worker handle, unit) -> ObjectRef.
+            submit: (worker index, unit) -> ObjectRef.
             below: optional () -> unit id bound for Dispatcher.assign.
+            seed: unit id -> worker, for units no worker has run yet (affinity of the last pass wins).
 
         Raises:
             TrainingError: past workers.max_restarts worker failures, or no worker left.
@@ -110,11 +119,11 @@ class RayEvaluator:
         """
         by_id = {u.id: u for u in units}
         live = [w for w in range(len(self.workers)) if w not in self._down]
-        dispatcher = Dispatcher(list(by_id), live, self.depth, self._affinity)
+        dispatcher = Dispatcher(list(by_id), live, self.depth, {**(seed or {}), **self._affinity})
         pending: dict[Any, tuple[int, int]] = {}
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
-                pending[submit(self.workers[w], by_id[uid])] = (w, uid)
+                pending[submit(w, by_id[uid])] = (w, uid)
             # Probes first: ray.wait reports ready refs in list order, and a stream of finished units
             # must not keep a worker that is back from rejoining.
             waiting = list(self._probes) + list(pending)
@@ -130,7 +139,9 @@ class RayEvaluator:
                     continue
                 w, uid = pending.pop(ref)
                 try:
+                    t_get = time.perf_counter()
                     result = ray.get(ref)
+                    self.get_s += time.perf_counter() - t_get
                 except WORKER_LOST as exc:
                     self._failed(w, f"it was lost while running work unit {uid} ({runtime.last_line(exc)})", dispatcher, pending)
                     continue
@@ -239,7 +250,11 @@ class RayEvaluator:
         log.info("worker %d is back and takes units again", worker)
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
-        """The ordered float64 sum of a pass (pass1, pass2, onepass) over `units`, and timings."""
+        """The canonical float64 sum of a pass (pass1, pass2, onepass) over `units`, and timings.
+
+        Timings include the server side of the reduction: reduce_s (seconds getting results and
+        adding them, not waiting for them) and reduce_bytes (bytes of sums received).
+        """
         if kind not in PASS_KINDS:
             raise ValueError(f"unknown pass {kind!r}")
         t0 = time.perf_counter()
@@ -248,37 +263,75 @@ class RayEvaluator:
         g_key = f"{theta_key}:{self._passes}" if g is not None else None
         # g is a few floats per hidden unit: sent inline with each call rather than through the store.
         g_arg = [np.asarray(v, dtype=np.float64) for v in g] if g is not None else None
+        mode = resolve_mode(self.cfg.workers.reduce, kind, len(units))
         reducer = OrderedReducer([u.id for u in units])
-        timing = {"read_s": 0.0, "compute_s": 0.0}
+        remote = RemoteReduction([u.id for u in units], mode, self.reducers, self.reduce_fault) if mode != "server" else None
+        kept: dict[int, Any] = {}  # unit id -> ref of its sums in the store (its latest submission)
+        timing = {"read_s": 0.0, "compute_s": 0.0, "add_s": 0.0, "bytes": 0}
+        self.get_s = 0.0
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
 
-        def submit(worker, unit):
-            return worker.run.remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
+        def submit(w, unit):
+            if remote is None:
+                return self.workers[w].run.remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
+            meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
+            return meta
 
-        def consume(unit, result):
-            uid, sums, stats = result
+        def consume(unit, result, bar):
+            uid, sums, stats = result if remote is None else (result[0], None, result[1])
             if uid != unit.id:
                 raise TrainingError(f"worker returned unit {uid} for unit {unit.id}")
-            try:
-                reducer.add(uid, sums)
-            except RuntimeError as exc:
-                raise TrainingError(f"{kind}: {exc}") from None
+            t_add = time.perf_counter()
+            if remote is not None:
+                remote.unit_done(uid, kept.pop(uid), stats.get("node"))
+            else:
+                try:
+                    reducer.add(uid, sums)
+                except RuntimeError as exc:
+                    raise TrainingError(f"{kind}: {exc}") from None
+                timing["bytes"] += nbytes(sums)
+            timing["add_s"] += time.perf_counter() - t_add
             timing["read_s"] += stats["read_s"]
             timing["compute_s"] += stats["compute_s"]
             if bar is not None:
                 bar.update(unit.rows)
 
         try:
-            for unit, result in self._results(units, submit):
-                consume(unit, result)
+            for unit, result in self._results(units, submit, seed=self._group_seed(units, mode)):
+                consume(unit, result, bar)
         finally:
             if bar is not None:
                 bar.close()
-        if not reducer.done:
+        total = reducer.total if remote is None else self._finish(kind, remote, units, submit, consume)
+        if total is None or (remote is None and not reducer.done):
             raise TrainingError(f"{kind}: the pass ended with units missing from the reduction")
         wall = time.perf_counter() - t0
+        busy = self.get_s + timing["add_s"] + (remote.busy_s if remote is not None else 0.0)
+        received = timing["bytes"] + (remote.received_bytes if remote is not None else 0)
         # io_s / compute_s: worker-seconds reading and computing, summed over workers (reads overlap compute).
-        return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live}
+        return total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live,
+                       "reduce_s": busy, "reduce_bytes": received}
+
+    def _group_seed(self, units: list[WorkUnit], mode: str) -> dict[int, int] | None:
+        """grouped/tree: give each reduction group to one live worker (group j -> the j-th, round
+        robin), so a group's fold finds its units on its own node; None for the server reduction."""
+        live = [w for w in range(len(self.workers)) if w not in self._down]
+        if mode == "server" or not live:
+            return None
+        return {uid: live[j % len(live)] for j, group in enumerate(unit_groups([u.id for u in units])) for uid in group}
+
+    def _finish(self, kind: str, remote: RemoteReduction, units: list[WorkUnit], submit, consume) -> Sums:
+        """The remote reduction's sum; unit results lost with a node are rerun, then it is rebuilt."""
+        by_id = {u.id: u for u in units}
+        for _ in range(self.cfg.workers.max_restarts + 1):
+            try:
+                return remote.finish()
+            except LostResults as lost:
+                log.warning("%s: the reduction lost unit results with their node (%s); rerunning units %s",
+                            kind, lost, lost.units)
+                for unit, result in self._results([by_id[u] for u in lost.units], submit):
+                    consume(unit, result, None)
+        raise TrainingError(f"{kind}: the reduction failed more than workers.max_restarts={self.cfg.workers.max_restarts} times")
 
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None) -> Iterator[tuple[WorkUnit, np.ndarray]]:
         """Yield (unit, per-row output) in unit order for kind `encode` or `reconstruct`.
@@ -297,8 +350,8 @@ class RayEvaluator:
         def bound() -> int | None:
             return order[position + window].id if position + window < len(order) else None
 
-        def submit(worker, unit):
-            return worker.transform.remote(kind, unit, theta_key, theta_ref, layer)
+        def submit(w, unit):
+            return self.workers[w].transform.remote(kind, unit, theta_key, theta_ref, layer)
 
         for unit, (got_id, out) in self._results(order, submit, bound):
             if got_id != unit.id:
@@ -310,6 +363,7 @@ class RayEvaluator:
                 yield next_unit, done.pop(next_unit.id)
 
     def close(self) -> None:
-        """Nothing to release here: the session owns (and kills) the worker actors."""
+        """Kill the reducer actors; the session owns (and kills) the worker actors."""
         self._theta_ref = None
         self._probes.clear()
+        self.reducers.close()

@@ -155,6 +155,9 @@ class ClusterSession:
         A session that joined a running cluster disconnects from it; one that found this process
         already connected leaves the connection alone.
         """
+        problem = getattr(self, "problem", None)
+        if problem is not None:
+            problem.evaluator.close()  # its reducer actors (workers.reduce=grouped, tree)
         actors = ([self.server] if self.server is not None else []) + list(self.workers)
         actors += _named_actors(getattr(self, "namespace", None))  # replacements started by the server
         for actor in actors:

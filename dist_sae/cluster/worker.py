@@ -85,6 +85,7 @@ class Worker:
         self._compute = threading.Lock()  # one unit computes at a time; the other call reads
         self._g_key: object = None
         self._fault: tuple[str, int] | None = None  # test-only: (exit | hang, units left before it)
+        self._node = _node_id()
 
     def inject_fault(self, after_units: int, kind: str = "exit") -> None:
         """Test-only fault knob: after `after_units` more units, fail inside the next one.
@@ -165,6 +166,14 @@ class Worker:
                 time.sleep(self.delay_s)
             t3 = time.perf_counter()
         return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
+
+    def run_kept(self, kind: str, unit: WorkUnit, *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
+        """`run` (context: its theta_key, theta, g_key, g), with the sums as a second return value:
+        called with num_returns=2, they stay in this node's object store for the grouped or tree
+        reduction (cluster/reduce.py), and only (unit id, stats incl. "node": this node's id) and
+        the sums' reference go to the caller."""
+        uid, sums, stats = self.run(kind, unit, *context)
+        return (uid, {**stats, "node": self._node}), sums
 
     def transform(self, kind: str, unit: WorkUnit, theta_key: object, theta: np.ndarray, layer: int | None = None) -> tuple[int, np.ndarray]:
         """Per-row outputs of one unit: `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""

@@ -1,14 +1,36 @@
 """Float64 partial sums and their reduction in a fixed order.
 
-A pass's result is the sum of its work units' sums, added in unit-id order whatever order they
-arrive in, so it does not depend on how many workers ran, who ran what, or which units were redone.
+A pass's result is the sum of its work units' sums in one fixed association (the canonical sum,
+below), whatever order they arrive in, so it does not depend on how many workers ran, who ran what,
+or which units were redone.
+
+The canonical sum of a pass over U units (float64 addition is not associative, so the grouping of
+the additions is part of the result, and every reduction mode must use this one):
+  1. Sort the pass's unit ids; cut them into groups of g = group_size(U) consecutive ids (the last
+     group may be shorter). g depends on U only, never on the number of workers.
+  2. Each group's sum is a left fold in unit order: ((u0 + u1) + u2) + ...
+  3. The pass's sum is a binary tree over the group sums fixed by group index: level 0 adds the
+     pairs (0, 1), (2, 3), ...; an odd last one goes up a level unchanged; then pairs of pairs,
+     until one is left (TreeSum builds exactly this shape from the group sums pushed in order).
+The server reduction (OrderedReducer), the single-process engine (which uses it too) and the
+cluster's grouped and tree reductions (cluster/reduce.py, with the same fold and TreeSum) all
+compute this, so they agree bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that take tensors, not here: the grouped and tree
+# reductions run this module's adds in Ray task processes (cluster/reduce.py), which then start
+# without importing torch (seconds per new process on a busy machine).
 
 
 
@@ -17,12 +39,16 @@ Sums = dict[str, np.ndarray]  # named float64 partial sums of one or more blocks
 
 
 def to64(t: torch.Tensor) -> np.ndarray:
+    import torch
+
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
 
 def data_block_sums(x: torch.Tensor) -> Sums:
     """Σ_i x_i (n,) and Σ_i ‖x_i‖² of a block, float64: for the FVU; they do not depend on θ."""
+    import torch
+
     x64 = x.to(torch.float64).reshape(-1)
     return {"sum_x": to64(x.sum(0, dtype=torch.float64)), "sum_x2": np.array(float(torch.dot(x64, x64)))}
 
@@ -38,30 +64,121 @@ def add_sums(total: Sums | None, part: Sums) -> Sums:
 
 
 
-class OrderedReducer:
-    """Adds per-unit sums in unit-id order, whatever order they arrive in.
+def group_size(n_units: int) -> int:
+    """Units per reduction group for a pass of `n_units` units: ⌈√U⌉ (at least 1).
 
-    Results that arrive early wait in a buffer until every lower unit id has been added, so the
+    √U balances the two halves of the reduction: a group's fold adds g vectors where its units ran,
+    and the server (grouped) or the tree adds U/g group sums.
+    """
+    return max(1, math.isqrt(max(n_units - 1, 0)) + 1)
+
+
+def unit_groups(unit_ids: Iterable[int]) -> list[list[int]]:
+    """The pass's unit ids, sorted, in consecutive runs of group_size(U): the canonical groups."""
+    order = sorted(unit_ids)
+    g = group_size(len(order))
+    return [order[i : i + g] for i in range(0, len(order), g)]
+
+
+def fold(parts: Iterable[Sums]) -> Sums | None:
+    """Left fold of `parts` in the order given: a group's sum (the parts are not changed)."""
+    total = None
+    for part in parts:
+        total = add_sums(total, part)
+    return total
+
+
+T = TypeVar("T")
+
+
+class TreeSum(Generic[T]):
+    """The canonical binary tree over items pushed in index order, combined with `combine(a, b)`.
+
+    Kept as a stack of complete subtrees (sizes strictly falling, as a binary counter), so memory
+    is O(log n); `result` then joins the stack from the right. This gives the level-by-level
+    pairing of the module docstring for any n (an odd last node carried up a level is the stack's
+    last subtree). `combine` adds Sums here, or submits a Ray task over ObjectRefs (cluster/reduce.py).
+    """
+
+    def __init__(self, combine: Callable[[T, T], T]) -> None:
+        self.combine = combine
+        self._stack: list[tuple[T, int]] = []  # (subtree value, leaves in it)
+        self.count = 0
+
+    def push(self, item: T) -> None:
+        self._stack.append((item, 1))
+        self.count += 1
+        while len(self._stack) >= 2 and self._stack[-1][1] == self._stack[-2][1]:
+            (b, nb), (a, na) = self._stack.pop(), self._stack.pop()
+            self._stack.append((self.combine(a, b), na + nb))
+
+    def result(self) -> T | None:
+        while len(self._stack) >= 2:
+            (b, nb), (a, na) = self._stack.pop(), self._stack.pop()
+            self._stack.append((self.combine(a, b), na + nb))
+        return self._stack[0][0] if self._stack else None
+
+
+def add_pair(a: Sums, b: Sums) -> Sums:
+    """An inner node of the canonical tree: a + b (into a when its arrays are writable, e.g. a
+    partial fold of ours; else into a copy, e.g. a read-only view of Ray's object store)."""
+    owned = all(v.flags.writeable for v in a.values())
+    return add_sums(a if owned else add_sums(None, a), b)
+
+
+class OrderedReducer:
+    """The canonical sum of a pass (module docstring), from per-unit or per-group sums in any order.
+
+    A unit's sums join its group's fold once every lower unit of the group is in; a finished
+    group joins the tree once every lower group is in. Early arrivals wait in a buffer, so the
     float64 result is bit-identical however many workers there are and whoever ran which unit.
     """
 
     def __init__(self, unit_ids: list[int]) -> None:
-        self._order = sorted(unit_ids)
-        self._next = 0
-        self._pending: dict[int, Sums] = {}
+        self.groups = unit_groups(unit_ids)
+        self._group_of = {uid: j for j, group in enumerate(self.groups) for uid in group}
+        self._next = [0] * len(self.groups)  # per group: position of the next unit to fold
+        self._partial: list[Sums | None] = [None] * len(self.groups)
+        self._pending: dict[int, Sums] = {}  # unit id -> sums waiting for a lower unit of its group
+        self._finished: dict[int, Sums] = {}  # group index -> sum waiting for a lower group
+        self._next_group = 0
+        self._tree: TreeSum[Sums] = TreeSum(add_pair)
         self.total: Sums | None = None
 
     def add(self, unit_id: int, sums: Sums) -> None:
-        if unit_id in self._pending or unit_id in self._order[: self._next]:
+        """One unit's sums (from a worker, or computed here)."""
+        j = self._group_of.get(unit_id)
+        if j is None:
+            raise RuntimeError(f"work unit {unit_id} is not in this pass")
+        group = self.groups[j]
+        if unit_id in self._pending or unit_id in group[: self._next[j]]:
             raise RuntimeError(f"work unit {unit_id} reduced twice")
         self._pending[unit_id] = sums
-        while self._next < len(self._order) and self._order[self._next] in self._pending:
-            self.total = add_sums(self.total, self._pending.pop(self._order[self._next]))
-            self._next += 1
+        while self._next[j] < len(group) and group[self._next[j]] in self._pending:
+            self._partial[j] = add_sums(self._partial[j], self._pending.pop(group[self._next[j]]))
+            self._next[j] += 1
+        if self._next[j] == len(group):
+            self._group_done(j, self._partial[j])
+            self._partial[j] = None
+
+    def add_group(self, index: int, sums: Sums) -> None:
+        """A whole group's sum (its units folded in unit order elsewhere: cluster/reduce.py)."""
+        if self._next[index] == len(self.groups[index]):
+            raise RuntimeError(f"reduction group {index} reduced twice")
+        self._next[index] = len(self.groups[index])
+        self._group_done(index, sums)
+
+    def _group_done(self, index: int, sums: Sums) -> None:
+        self._finished[index] = sums
+        while self._next_group in self._finished:
+            self._tree.push(self._finished.pop(self._next_group))
+            self._next_group += 1
+        if self._next_group == len(self.groups):
+            self.total = self._tree.result()
 
     @property
     def done(self) -> bool:
-        return self._next == len(self._order)
+        return self._next_group == len(self.groups)
 
 
 def active(a: torch.Tensor, activation: str) -> torch.Tensor:
@@ -76,6 +193,8 @@ def active(a: torch.Tensor, activation: str) -> torch.Tensor:
 
 def layer_sums(acts: list[torch.Tensor], activation: str) -> tuple[np.ndarray, np.ndarray]:
     """(Σ_i a_i, Σ_i [a_i active]) of every encoder layer, concatenated (Σ h_l,), float64."""
+    import torch
+
     sums = torch.cat([a.detach().sum(0, dtype=torch.float64) for a in acts])
     fired = torch.cat([active(a.detach(), activation).sum(0).to(torch.float64) for a in acts])  # integer counts
     return to64(sums), to64(fired)
