@@ -10,8 +10,5 @@ def load(run_dir, **kwargs):
     return _load(run_dir, **kwargs)
 
 
-def train(cfg, **kwargs):
-    """Train as configured (see dist_sae.api.train)."""
-    from dist_sae.api import train as _train
-
-    return _train(cfg, **kwargs)
+# Training is dist_sae.api.train: a `train` function here would be replaced by the dist_sae.train
+# subpackage as soon as that is imported (Python binds a subpackage to its parent's attribute).
