@@ -32,6 +32,7 @@ from dist_sae.errors import TrainingError
 from dist_sae.sae.sums import OrderedReducer, Sums
 from dist_sae.cluster import runtime
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
+from dist_sae.cluster.meter import PassMeter
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ class RayEvaluator:
         depth: units in flight per worker.
         launcher: starts a new actor for a worker that Ray will not bring back; None: such a
             worker is not replaced and the others carry on.
+        balance: the dispatcher's end-of-pass rule from measured rows/s (off: plain on-demand, for
+            the benchmark's before/after).
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None) -> None:
+    def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None, balance: bool = True) -> None:
         if not workers:
             raise TrainingError("the Ray evaluator needs at least one worker")
         self.cfg = cfg
@@ -74,7 +77,7 @@ class RayEvaluator:
         self._down: dict[int, bool] = {}  # workers not taking units: index -> running as a new actor
         self._generation = [0] * len(self.workers)  # replacements started per worker index
         self._stalled_since: float | None = None
-        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS)
+        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)
         self.rows = dataset.rows
         self.timeout_s = cfg.workers.unit_timeout_s
         self.last_counts: dict[int, int] = {}  # units each worker ran in the last pass
@@ -83,6 +86,12 @@ class RayEvaluator:
         self._passes = 0
         self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close(), as LocalEvaluator
         self._affinity: dict[int, int] = {}  # unit id -> worker that ran it last (holds it in its cache)
+        # Device kind of each worker ("cpu"/"gpu", as placed), its measured rows/s (for the
+        # dispatcher's end-of-pass rule), and the current pass's progress (ParameterServer.progress).
+        self.kinds = [launcher.kind(i) if launcher is not None else "cpu" for i in range(len(self.workers))]
+        self._rates: dict[int, float] = {}
+        self.balance = balance
+        self.meter = PassMeter()
 
     # ---- θ in the object store -----------------------------------------------------------
 
@@ -110,11 +119,13 @@ class RayEvaluator:
         """
         by_id = {u.id: u for u in units}
         live = [w for w in range(len(self.workers)) if w not in self._down]
-        dispatcher = Dispatcher(list(by_id), live, self.depth, self._affinity)
+        rows = {u.id: u.rows for u in units} if below is None and self.balance else None  # not for ordered output
+        dispatcher = Dispatcher(list(by_id), live, self.depth, self._affinity, rows, self._rates)
         pending: dict[Any, tuple[int, int]] = {}
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
                 pending[submit(self.workers[w], by_id[uid])] = (w, uid)
+            self.meter.busy(sum(1 for s in dispatcher.workers.values() if s.alive and s.in_flight), len(dispatcher.live_workers))
             # Probes first: ray.wait reports ready refs in list order, and a stream of finished units
             # must not keep a worker that is back from rejoining.
             waiting = list(self._probes) + list(pending)
@@ -181,6 +192,7 @@ class RayEvaluator:
     def _failed(self, worker: int, why: str, dispatcher: Dispatcher, pending: dict[Any, tuple[int, int]]) -> None:
         """Requeue a failed worker's units, forget its outstanding calls, then replace it or give up."""
         requeued = dispatcher.worker_failed(worker)
+        self._rates.pop(worker, None)  # its replacement is measured afresh
         for ref in [r for r, (w, _) in pending.items() if w == worker]:
             del pending[ref]  # a late result of the failed worker is never counted
         self._count_failure(dispatcher.workers[worker], why, requeued)
@@ -246,6 +258,7 @@ class RayEvaluator:
         reducer = OrderedReducer([u.id for u in units])
         timing = {"read_s": 0.0, "compute_s": 0.0}
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
+        self.meter.start(kind, sum(u.rows for u in units), len(self.workers) - len(self._down))
 
         def submit(worker, unit):
             return worker.run.remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
@@ -260,6 +273,12 @@ class RayEvaluator:
                 raise TrainingError(f"{kind}: {exc}") from None
             timing["read_s"] += stats["read_s"]
             timing["compute_s"] += stats["compute_s"]
+            worker = self._affinity[uid]  # set by _results to the worker that ran it
+            self.meter.done(self.kinds[worker], unit.rows)
+            busy_s = max(stats["read_s"], stats["compute_s"])  # reads overlap compute: the slower one paces it
+            if busy_s > 0:
+                rate = unit.rows / busy_s
+                self._rates[worker] = 0.5 * (self._rates.get(worker, rate) + rate)
             if bar is not None:
                 bar.update(unit.rows)
 
@@ -273,7 +292,9 @@ class RayEvaluator:
             raise TrainingError(f"{kind}: the pass ended with units missing from the reduction")
         wall = time.perf_counter() - t0
         # io_s / compute_s: worker-seconds reading and computing, summed over workers (reads overlap compute).
-        return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live}
+        # tail_s: first worker idle -> pass end; rows_per_s_<kind>: rows each device kind ran per second.
+        return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live,
+                               **self.meter.finish()}
 
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None) -> Iterator[tuple[WorkUnit, np.ndarray]]:
         """Yield (unit, per-row output) in unit order for kind `encode` or `reconstruct`.

@@ -79,6 +79,14 @@ class ParameterServer:
 
         return _node_id()
 
+    def progress(self) -> dict[str, Any]:
+        """The running pass: {"seq", "kind", "rows", "done", "busy", "workers", "running"} (cluster.meter).
+
+        Answered while step() runs: the session makes this actor threaded (max_concurrency=2), and
+        this only copies a small dict under the meter's lock.
+        """
+        return self.evaluator.meter.snapshot()
+
     def worker_failures(self) -> int:
         """Worker failures handled so far in this run."""
         return self.evaluator.failures
