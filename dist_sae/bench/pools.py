@@ -2,7 +2,8 @@
 
     python -m dist_sae.bench.pools [--out pools.json] [--skip-ray]
 
-The tail of a pass is the time from the first worker going idle to the pass's end; "before" is
+The tail of a pass is the time from the first worker going idle, with no unit left to hand out, to
+the pass's end (a worker kept waiting while a faster one takes the queue is not out of work); "before" is
 plain on-demand dispatch over units of data.block_rows, "after" adds data.taper (the last three
 units cut into halves, quarters and eighths) and the dispatcher's end-of-pass rule (a worker slower
 than the fastest takes a unit only if it finishes it by the pool's expected end).
@@ -53,7 +54,7 @@ def simulate(speeds: list[float], units: list[WorkUnit], balance: bool, depth: i
                 fifo[w].append(uid)
                 if finish[w] is None:
                     finish[w] = now + CALL_S + rows[uid] / speeds[w]
-            if first_idle is None and any(not q for q in fifo.values()):
+            if first_idle is None and not d.queued and any(not q for q in fifo.values()):
                 first_idle = now
 
         now = 0.0
@@ -139,14 +140,13 @@ def ray_measured(tmp: Path, repeats: int = 5) -> dict:
         cfg = bind_dataset(load_config(None, {**base, "optim.method": "gd"}), ds)
         session = ClusterSession(cfg, ds, dashboard=False)
         try:
-            quiet = session.stepper(initial_theta(cfg, None))
-            quiet.step()
-            shown = session.stepper(initial_theta(cfg, None))
-            shown.bars = lambda kind, rows: bar(rows, kind, file=io.StringIO(), disable=False)
-            shown.step()
+            stepper = session.stepper(initial_theta(cfg, None))  # one server: a session keeps one
+            stepper.step()
+            shown = lambda kind, rows: bar(rows, kind, file=io.StringIO(), disable=False)  # noqa: E731
             times: dict[str, list[float]] = {"no_bars": [], "bars": []}
             for _ in range(4 * repeats):  # interleaved, so load changes hit both alike
-                for name, stepper in (("no_bars", quiet), ("bars", shown)):
+                for name, bars in (("no_bars", None), ("bars", shown)):
+                    stepper.bars = bars
                     times[name].append(stepper.step()["step_s"])
             t0 = time.perf_counter()
             for _ in range(50):

@@ -89,6 +89,7 @@ class Dispatcher:
         self.rows = dict(rows or {})
         self.rates = rates if rows else None  # the caller's dict: rates it learns during the pass count
         self._queued_rows = sum(self.rows.get(u, 0) for u in unit_ids)
+        self.queued = len(unit_ids)  # units waiting to be handed out
         self._flight_rows = 0
         # Queues in unit order, with lazy deletion (an entry whose unit is no longer queued is
         # skipped), so each hand-out costs O(1) amortised however many units there are.
@@ -148,6 +149,7 @@ class Dispatcher:
                 unit.state, unit.worker = UnitState.RUNNING, w.index
                 unit.attempts += 1
                 self._queued_rows -= self.rows.get(uid, 0)
+                self.queued -= 1
                 self._flight_rows += self.rows.get(uid, 0)
                 if not w.in_flight:
                     w.busy_since = now
@@ -230,6 +232,7 @@ class Dispatcher:
             unit = self.units[uid]
             unit.state, unit.worker = UnitState.QUEUED, None
             self._queued_rows += self.rows.get(uid, 0)
+            self.queued += 1
             self._flight_rows -= self.rows.get(uid, 0)
         w.in_flight.clear()
         w.busy_since = None

@@ -125,7 +125,8 @@ class RayEvaluator:
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
                 pending[submit(self.workers[w], by_id[uid])] = (w, uid)
-            self.meter.busy(sum(1 for s in dispatcher.workers.values() if s.alive and s.in_flight), len(dispatcher.live_workers))
+            self.meter.busy(sum(1 for s in dispatcher.workers.values() if s.alive and s.in_flight), len(dispatcher.live_workers),
+                            dispatcher.queued)
             # Probes first: ray.wait reports ready refs in list order, and a stream of finished units
             # must not keep a worker that is back from rejoining.
             waiting = list(self._probes) + list(pending)
@@ -292,7 +293,8 @@ class RayEvaluator:
             raise TrainingError(f"{kind}: the pass ended with units missing from the reduction")
         wall = time.perf_counter() - t0
         # io_s / compute_s: worker-seconds reading and computing, summed over workers (reads overlap compute).
-        # tail_s: first worker idle -> pass end; rows_per_s_<kind>: rows each device kind ran per second.
+        # tail_s: first worker idle with no unit left to hand out -> pass end; rows_per_s_<kind>: rows
+        # each device kind ran per second.
         return reducer.total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live,
                                **self.meter.finish()}
 

@@ -2,7 +2,8 @@
 
 On Ray, training passes run inside the ParameterServer actor, away from the driver's terminal.
 The server's evaluator records each pass in a PassMeter (rows done of rows total, workers busy, rows
-per device kind, and the tail: the time from the first worker going idle to the pass's end), and
+per device kind, and the tail: the time from the first worker going idle with no unit left to hand
+out, to the pass's end), and
 the server answers `progress()` with a snapshot of it. While a step runs, the driver's PassBars
 thread polls that snapshot a few times a second and draws one bar per pass; off a terminal no bar
 is drawn and nothing polls.
@@ -38,11 +39,15 @@ class PassMeter:
             self._t0 = time.perf_counter()
             self._first_idle = None
 
-    def busy(self, busy: int, live: int) -> None:
-        """Workers with units in flight, of `live`, after a hand-out: fewer means one went idle."""
+    def busy(self, busy: int, live: int, queued: int = 0) -> None:
+        """Workers with units in flight, of `live`, after a hand-out, and units still queued.
+
+        The tail starts when a worker is idle and no unit is left to hand out: a worker that the
+        dispatcher keeps waiting while a faster one takes the queue is not out of work.
+        """
         with self._lock:
             self._state["busy"], self._state["workers"] = busy, live
-            if busy < live and self._first_idle is None and self._state["running"]:
+            if busy < live and not queued and self._first_idle is None and self._state["running"]:
                 self._first_idle = time.perf_counter()
 
     def done(self, device_kind: str, rows: int) -> None:

@@ -140,7 +140,9 @@ def test_pass_meter_and_bars():
     meter.start("pass2", 300, workers=2)
     meter.busy(2, 2)
     meter.done("gpu", 200)
-    meter.busy(1, 2)  # a worker went idle: the tail starts
+    meter.busy(1, 2, queued=3)  # a worker waits while units are queued: not yet the tail
+    assert meter._first_idle is None
+    meter.busy(1, 2)  # a worker idle, nothing left to hand out: the tail starts
     meter.done("cpu", 100)
     snap = meter.snapshot()
     assert (snap["seq"], snap["kind"], snap["done"], snap["busy"], snap["running"]) == (1, "pass2", 300, 1, True)
