@@ -99,11 +99,13 @@ def bench_dataset(name: str, path: Path, hidden: int, repeats: int, workers: lis
     return out
 
 
-POOLS = {
-    "1_gpu": "[{kind: gpu, num: 1, gpus: 1, cpus: 1}]",
-    "cpu": "[{kind: cpu, num: %d, cpus: 1}]",
-    "mixed": "[{kind: gpu, num: 1, gpus: 1, cpus: 1}, {kind: cpu, num: %d, cpus: 1}]",
-}
+GPU_POOL = {"kind": "gpu", "num": 1, "gpus": 1, "cpus": 1}
+
+
+def pools_of(name: str, cpus: int) -> list[dict]:
+    """workers.pools of the --pools layouts: 1 GPU worker, `cpus` one-core CPU workers, or both."""
+    cpu_pool = {"kind": "cpu", "num": cpus, "cpus": 1}
+    return {"1_gpu": [GPU_POOL], "cpu": [cpu_pool], "mixed": [GPU_POOL, cpu_pool]}[name]
 
 
 def bench_pools(path: Path, cpus: int, repeats: int, block_rows: int) -> dict:
@@ -114,13 +116,13 @@ def bench_pools(path: Path, cpus: int, repeats: int, block_rows: int) -> dict:
     gpus = torch.cuda.is_available()
     out: dict = {"rows": ds.rows, "model": "784-1024-784", "block_rows": block_rows, "gpu": torch.cuda.get_device_name(0) if gpus else None}
     for dtype in ("float32", "float64"):
-        for name, pools in POOLS.items():
+        for name in ("1_gpu", "cpu", "mixed"):
             if name != "cpu" and not gpus:
                 out[f"{name}_{dtype}"] = "skipped: no GPU on this machine"
                 continue
             cfg = bind_dataset(load_config(None, {
                 "model.hidden": [1024], "compute.dtype": dtype, "data.block_rows": block_rows, "data.path": str(path),
-                "run.quiet": True, "workers.pools": pools % cpus if "%d" in pools else pools}), ds)
+                "run.quiet": True, "workers.pools": pools_of(name, cpus)}), ds)
             session = ClusterSession(cfg, ds, dashboard=False)
             try:
                 theta = initial_theta(cfg, None)
@@ -134,7 +136,7 @@ def bench_pools(path: Path, cpus: int, repeats: int, block_rows: int) -> dict:
                 }
             finally:
                 session.close()
-            print(f"pools: {name} {dtype} {out[f'{name}_{dtype}']['examples_per_s']:,.0f} ex/s", file=sys.stderr)
+            print(f"pools: {name} {dtype} {ds.rows / seconds:,.0f} ex/s", file=sys.stderr)
     return out
 
 
