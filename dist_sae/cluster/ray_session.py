@@ -83,7 +83,10 @@ class RemoteStepper:
         self.converged = bool(runtime.get(server.converged.remote(), "starting the parameter server"))
 
     def step(self) -> dict[str, Any]:
-        with PassBars(lambda: runtime.get(self._server.progress.remote(), "reading pass progress", timeout=10), self.bars, self.poll_s):
+        def snapshot() -> dict[str, Any]:  # answered while step() runs, in the server's own "progress" group
+            return runtime.get(self._server.progress.options(concurrency_group="progress").remote(), "reading pass progress", timeout=10)
+
+        with PassBars(snapshot, self.bars, self.poll_s):
             metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
         return metrics
 
@@ -152,12 +155,13 @@ class ClusterSession:
             self.server = None
             _wait_until_unnamed(SERVER_NAME, self.namespace)
         self.server = (
-            ray.remote(ParameterServer)
+            # progress() has a concurrency group of its own, so the driver's pass bars are answered
+            # while step() runs; every other call still waits for the step (one at a time, as before).
+            ray.remote(concurrency_groups={"progress": 1})(ParameterServer)
             .options(
                 name=SERVER_NAME,
                 namespace=self.namespace,
                 num_cpus=0,  # it only adds sums and steps; the CPU slots are the workers'
-                max_concurrency=2,  # progress() is answered while step() runs (the driver's pass bars)
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.driver_node_id(), soft=False),
             )
             .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)

@@ -82,8 +82,9 @@ class ParameterServer:
     def progress(self) -> dict[str, Any]:
         """The running pass: {"seq", "kind", "rows", "done", "busy", "workers", "running"} (cluster.meter).
 
-        Answered while step() runs: the session makes this actor threaded (max_concurrency=2), and
-        this only copies a small dict under the meter's lock.
+        Answered while step() runs when called in the "progress" concurrency group the session gives
+        the actor (every other method still runs one at a time); it only copies a small dict under
+        the meter's lock.
         """
         return self.evaluator.meter.snapshot()
 
