@@ -12,9 +12,9 @@ Mixed pools: given each unit's rows and each worker's measured rows/s, a worker 
 fastest worker's speed (a CPU beside a GPU) takes units from the back of the queue, where data.taper
 cut them small, while the fast ones take the large units at the front; and a worker takes a unit
 only if it would finish it before the workers faster than it could get through the queue, else it
-takes the last queued unit if that fits, or waits. So a 1-core worker never starts a large unit that a GPU would finish sooner,
-and the units left when the pass ends are small. Who runs a unit never changes its sum, so this may
-depend on timing.
+takes the last queued unit if that fits, or waits. So a 1-core worker never starts a large unit
+that a GPU would finish sooner, and the units left when the pass ends are small. Who runs a unit
+never changes its sum, so this may depend on timing.
 
 FailurePolicy decides what a failure means for the run, from the same status records: a worker
 whose unit has not finished within `unit_timeout_s` of its last progress is hung (treated as

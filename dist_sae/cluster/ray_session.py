@@ -1,7 +1,7 @@
 """ClusterSession: the Ray counterpart of session.LocalSession (same interface).
 
-Builds the worker actors (one per CPU slot or GPU, or per workers.pools entry), a driver-side PassProblem over a RayEvaluator
-(for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
+Builds the worker actors (one per CPU slot or GPU, or as workers.pools asks), a driver-side
+PassProblem over a RayEvaluator (for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
 driven through a thin proxy. Actors are named `dist_sae.ParameterServer` and `dist_sae.worker-N`
 in a namespace unique to the run, so `ray list actors` and the dashboard show them and two runs
 on one cluster do not clash.
