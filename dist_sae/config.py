@@ -159,6 +159,8 @@ class DataConfig(Section):
     """Dataset folder (dataset.json + *.h5 shards)."""
     block_rows: int = Field(default=16384, ge=1)
     """Rows per work unit: memory per worker is bounded by this, not by shard or dataset size."""
+    taper: bool = True
+    """Cut the last three units of a pass into halves, quarters and eighths (of at least 4096 rows), so that no worker's last unit holds the pass; the cut depends on the data only, so results stay bit-identical for any workers."""
     prefetch: int = Field(default=2, ge=0)
     """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local); 0 reads inline. Ray workers read one unit ahead by having two units in flight."""
     cache_mb: int = Field(default=512, ge=0)
@@ -184,6 +186,36 @@ class ComputeConfig(Section):
     """Torch intra-op threads per worker; 0: the worker's CPU share (all cores for a single process). Set 1 on a machine busy with other processes."""
 
 
+class PoolConfig(Section):
+    """One kind of Ray worker in workers.pools."""
+
+    kind: Literal["cpu", "gpu"] = "cpu"
+    """cpu: the workers compute on the CPU; gpu: each reserves `gpus` of `gpu_resource` and computes on cuda (with compute.device=auto)."""
+    num: int = Field(default=0, ge=0)
+    """Workers in this pool; 0: as many as the cluster's nodes can place, after the pools listed before it took their share."""
+    cpus: float = Field(default=1.0, gt=0.0)
+    """CPUs each worker reserves (also its torch threads unless compute.threads is set); CPUs a GPU pool reserves are not counted again for a later CPU pool."""
+    gpus: float | None = Field(default=None, ge=0.0)
+    """GPUs each worker of a gpu pool reserves (empty: 1); a cpu pool reserves none."""
+    gpu_resource: str = "GPU"
+    """The Ray resource a gpu pool counts its GPUs in: GPU (Ray's own, so the worker sees the GPU and computes on cuda) or a custom resource (e.g. fake_gpu on a test cluster: placed and counted as GPU, but computes on the CPU, since Ray assigns it no GPU)."""
+
+    @property
+    def gpu_share(self) -> float:
+        """GPUs per worker, resolved: `gpus`, or 1 for a gpu pool and 0 for a cpu pool."""
+        return self.gpus if self.gpus is not None else (1.0 if self.kind == "gpu" else 0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PoolConfig:
+        if self.kind == "cpu" and self.gpus:
+            raise ValueError(f"a cpu pool reserves no GPUs (got gpus={self.gpus:g}); use kind: gpu")
+        if self.kind == "gpu" and self.gpu_share <= 0:
+            raise ValueError("a gpu pool needs gpus > 0 per worker")
+        if not self.gpu_resource or self.gpu_resource == "CPU":
+            raise ValueError(f"gpu_resource must name a Ray resource other than CPU, got {self.gpu_resource!r}")
+        return self
+
+
 class WorkersConfig(Section):
     engine: Literal["ray", "local"] = "ray"
     """ray: parameter server and workers on Ray (a local Ray is started if no address). local: one process, no Ray."""
@@ -195,12 +227,23 @@ class WorkersConfig(Section):
     """CPUs reserved by each worker; also its torch thread count unless compute.threads is set."""
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     """GPUs reserved by each worker; > 0 makes the workers compute on cuda."""
+    pools: list[PoolConfig] = []
+    """Mixed workers, one entry per kind, instead of num/cpus_per_worker/gpus_per_worker, e.g. [{kind: gpu, num: 0, gpus: 1, cpus: 4}, {kind: cpu, num: 0, cpus: 1}] (keys: kind, num, cpus, gpus, gpu_resource; num 0: as many as fit). Every pool is checked against the cluster before any work."""
     max_restarts: int = Field(default=3, ge=0)
     """Worker failures tolerated per run before it stops with a checkpoint."""
     unit_timeout_s: float = Field(default=600.0, gt=0.0)
     """A work unit not finished after this many seconds marks its worker as hung (treated as dead)."""
     reduce: Literal["server", "grouped", "tree"] = "server"
     """Where a pass's float64 sums are added; all three give the same bits (the canonical sum of docs/scaling.md). server: each unit's sums go to the parameter server, which adds them (the reference, and the fastest pass measured up to 32 workers). grouped: a reducer actor on the node where most of a group's ⌈√U⌉ consecutive units ran folds them; the server adds the group sums. tree: the group sums are added in a fixed binary tree of reducer calls too; the server receives one vector per pass (for many workers: docs/scaling.md gives where it pays). Pass 1's small sums always go to the server."""
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkersConfig:
+        if self.pools and (self.num or self.gpus_per_worker or self.cpus_per_worker != 1.0):
+            raise ValueError(
+                "give workers.pools or workers.num/cpus_per_worker/gpus_per_worker, not both "
+                "(a pool has its own num, cpus and gpus)"
+            )
+        return self
 
 
 class RunConfig(Section):
@@ -276,6 +319,8 @@ class Config(Section):
                 raise ValueError(f"sparsity.auxk={sp.auxk} exceeds the {m.hidden[0]} hidden units")
         if sp.passes == 1 and not (sp.kind == "kl" and sp.layers == [1]):
             raise ValueError("sparsity.passes=1 (one-pass gradient) needs sparsity.kind=kl on layer 1 alone (sparsity.layers=[1])")
+        if self.compute.device == "cuda" and any(p.kind == "cpu" for p in self.workers.pools):
+            raise ValueError("compute.device=cuda cannot run a cpu pool of workers.pools; use compute.device=auto (cuda on the gpu pools only)")
         if isinstance(self.loss.weight_decay, list) and len(self.loss.weight_decay) != 2 * n_enc:
             raise ValueError(
                 f"loss.weight_decay has {len(self.loss.weight_decay)} values but the model has {2 * n_enc} weight matrices"

@@ -2,6 +2,7 @@
 
     python scripts/bench_cluster.py [--rows 1000000] [--dim 64] [--repeats 3] [--out bench.json]
     python scripts/bench_cluster.py --scaling [ARGS OF dist_sae.bench.reduce_scaling]
+    python scripts/bench_cluster.py --pools [--pool-rows 262144] [--pool-cpus 16] [--out pools.json]
 
 Two datasets: the demo size (10,000 rows × 64, model 64-25-64) and a large synthetic one (default
 1e6 rows × 64) written to a temp dir. For each engine it times full evaluations (pass 1 + pass 2),
@@ -12,6 +13,9 @@ after a warm-up (the machine may be shared; the best run is the least disturbed 
 --scaling runs the reduction scaling run instead (dist_sae/bench/reduce_scaling.py: W = 1..32
 small workers on a multi-node ray.cluster_utils cluster, 784-1024-784; server bytes, server busy
 time and pass time per pass for workers.reduce = server, grouped, tree; JSON out).
+--pools (on a machine with a GPU and 16 CPUs): examples/s of exact evaluations on 784-1024-784, in
+float32 and float64, for 1 GPU worker, --pool-cpus one-core CPU workers, and the mixed pool (both),
+with each pool's unit counts per kind and pass tail; without a GPU it says so and times only the CPUs.
 """
 
 from __future__ import annotations
@@ -99,6 +103,47 @@ def bench_dataset(name: str, path: Path, hidden: int, repeats: int, workers: lis
     return out
 
 
+GPU_POOL = {"kind": "gpu", "num": 1, "gpus": 1, "cpus": 1}
+
+
+def pools_of(name: str, cpus: int) -> list[dict]:
+    """workers.pools of the --pools layouts: 1 GPU worker, `cpus` one-core CPU workers, or both."""
+    cpu_pool = {"kind": "cpu", "num": cpus, "cpus": 1}
+    return {"1_gpu": [GPU_POOL], "cpu": [cpu_pool], "mixed": [GPU_POOL, cpu_pool]}[name]
+
+
+def bench_pools(path: Path, cpus: int, repeats: int, block_rows: int) -> dict:
+    """examples/s of J, ∇J on 784-1024-784 per pool and compute dtype (float32 and float64)."""
+    from dist_sae.cluster.ray_session import ClusterSession
+
+    ds = Dataset.open(path)
+    gpus = torch.cuda.is_available()
+    out: dict = {"rows": ds.rows, "model": "784-1024-784", "block_rows": block_rows, "gpu": torch.cuda.get_device_name(0) if gpus else None}
+    for dtype in ("float32", "float64"):
+        for name in ("1_gpu", "cpu", "mixed"):
+            if name != "cpu" and not gpus:
+                out[f"{name}_{dtype}"] = "skipped: no GPU on this machine"
+                continue
+            cfg = bind_dataset(load_config(None, {
+                "model.hidden": [1024], "compute.dtype": dtype, "data.block_rows": block_rows, "data.path": str(path),
+                "run.quiet": True, "workers.pools": pools_of(name, cpus)}), ds)
+            session = ClusterSession(cfg, ds, dashboard=False)
+            try:
+                theta = initial_theta(cfg, None)
+                seconds, ev = best_time(lambda: session.problem.evaluate(theta), repeats)
+                kinds = [session.launcher.kind(i) for i in range(session.num_workers)]
+                counts = session.problem.evaluator.last_counts
+                out[f"{name}_{dtype}"] = {
+                    "examples_per_s": ds.rows / seconds, "evaluation_s": seconds, "tail_s": ev.stats.get("tail_s"),
+                    "units_by_kind": {k: sum(c for w, c in counts.items() if kinds[w] == k) for k in sorted(set(kinds))},
+                    **{k: v for k, v in ev.stats.items() if k.startswith("rows_per_s_")},
+                }
+            finally:
+                session.close()
+            print(f"pools: {name} {dtype} {ds.rows / seconds:,.0f} ex/s", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--scaling" in argv:
@@ -114,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-rows", type=int, default=16384, help="rows per work unit (data.block_rows)")
     parser.add_argument("--skip-large", action="store_true", help="only the demo-size dataset")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
+    parser.add_argument("--pools", action="store_true", help="only the GPU / CPU / mixed pools on 784-1024-784")
+    parser.add_argument("--pool-rows", type=int, default=262_144, help="rows of the 784-dim dataset of --pools")
+    parser.add_argument("--pool-cpus", type=int, default=16, help="one-core CPU workers of --pools")
     args = parser.parse_args(argv)
 
     from dist_sae.cluster import runtime
@@ -125,13 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         "block_rows": args.block_rows,
         "compute_dtype": "float64",
     }
-    runtime.start_local(num_cpus=max(workers + [os.cpu_count() or 1]), dashboard=False)
+    runtime.start_local(num_cpus=max(workers + [os.cpu_count() or 1, args.pool_cpus + 1]), dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="dsae-bench-") as tmp:
-            t0 = time.perf_counter()
-            write_synthetic(Path(tmp) / "demo", 10_000, 64, seed=1)
-            result["demo"] = bench_dataset("demo", Path(tmp) / "demo", args.hidden, args.repeats, workers, args.block_rows)
-            if not args.skip_large:
+            if args.pools:
+                write_synthetic(Path(tmp) / "pools", args.pool_rows, 784, seed=4)
+                result["pools"] = bench_pools(Path(tmp) / "pools", args.pool_cpus, args.repeats, max(args.block_rows, 65536))
+            else:
+                write_synthetic(Path(tmp) / "demo", 10_000, 64, seed=1)
+                result["demo"] = bench_dataset("demo", Path(tmp) / "demo", args.hidden, args.repeats, workers, args.block_rows)
+            if not args.skip_large and not args.pools:
                 t0 = time.perf_counter()
                 write_synthetic(Path(tmp) / "large", args.rows, args.dim, seed=2)
                 result["large_write_s"] = time.perf_counter() - t0

@@ -8,6 +8,14 @@ is hit when the workers keep pace, and the balance is still on demand when they 
 finished, a worker died) and asks it what to send where. A dead worker's units go back to the
 front of the queue, so every unit is still counted exactly once.
 
+Mixed pools: given each unit's rows and each worker's measured rows/s, a worker under half the
+fastest worker's speed (a CPU beside a GPU) takes units from the back of the queue, where data.taper
+cut them small, while the fast ones take the large units at the front; and a worker takes a unit
+only if it would finish it before the workers faster than it could get through the queue, else it
+takes the last queued unit if that fits, or waits. So a 1-core worker never starts a large unit
+that a GPU would finish sooner, and the units left when the pass ends are small. Who runs a unit
+never changes its sum, so this may depend on timing.
+
 FailurePolicy decides what a failure means for the run, from the same status records: a worker
 whose unit has not finished within `unit_timeout_s` of its last progress is hung (treated as
 dead); a dead worker's units are requeued, and it is replaced while the run's failures stay
@@ -21,6 +29,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+SLOW = 0.5  # a worker under this fraction of the fastest one's speed takes the small units at the back
 
 
 class UnitState(str, Enum):
@@ -59,9 +70,14 @@ class Dispatcher:
         workers: the indices of the workers taking part.
         depth: units in flight per worker (2: one computing, one being read ahead).
         affinity: unit id -> preferred worker (e.g. the one that ran it last pass).
+        rows: unit id -> its rows; with `rates`, turns on the end-of-pass rule (module docstring).
+        rates: worker index -> measured rows/s; the rule is off while a live worker has none.
     """
 
-    def __init__(self, unit_ids: list[int], workers: list[int], depth: int = 2, affinity: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, unit_ids: list[int], workers: list[int], depth: int = 2, affinity: dict[int, int] | None = None,
+        rows: dict[int, int] | None = None, rates: dict[int, float] | None = None,
+    ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
@@ -70,6 +86,11 @@ class Dispatcher:
             raise ValueError("unit ids of a pass must be distinct")
         self.workers = {w: WorkerStatus(w) for w in workers}
         self.affinity = dict(affinity or {})
+        self.rows = dict(rows or {})
+        self.rates = rates if rows else None  # the caller's dict: rates it learns during the pass count
+        self._queued_rows = sum(self.rows.get(u, 0) for u in unit_ids)
+        self.queued = len(unit_ids)  # units waiting to be handed out
+        self._flight_rows = 0
         # Queues in unit order, with lazy deletion (an entry whose unit is no longer queued is
         # skipped), so each hand-out costs O(1) amortised however many units there are.
         order = sorted(unit_ids)
@@ -127,6 +148,9 @@ class Dispatcher:
                 unit = self.units[uid]
                 unit.state, unit.worker = UnitState.RUNNING, w.index
                 unit.attempts += 1
+                self._queued_rows -= self.rows.get(uid, 0)
+                self.queued -= 1
+                self._flight_rows += self.rows.get(uid, 0)
                 if not w.in_flight:
                     w.busy_since = now
                 w.in_flight.add(uid)
@@ -135,12 +159,46 @@ class Dispatcher:
         return out
 
     def _take(self, worker: int, below: int | None) -> int | None:
+        if below is None and self._slow(worker):
+            return self._take_last(worker)
         for q in (self._own[worker], self._orphans, self.queue):
             while q and self.units[q[0]].state is not UnitState.QUEUED:
                 q.popleft()  # taken through another queue (lazy deletion)
             if q and (below is None or q[0] < below):
+                if below is None and not self._in_time(worker, q[0]):
+                    return self._take_last(worker)
                 return q.popleft()
         return None
+
+    def _take_last(self, worker: int) -> int | None:
+        """The highest queued unit (the smallest, with data.taper) if `worker` finishes it in time."""
+        while self.queue and self.units[self.queue[-1]].state is not UnitState.QUEUED:
+            self.queue.pop()
+        if self.queue and self._in_time(worker, self.queue[-1]):
+            return self.queue.pop()
+        return None
+
+    def _slow(self, worker: int) -> bool:
+        """Under SLOW of the fastest live worker's measured speed."""
+        rates = self.rates or {}
+        known = [rates.get(w.index, 0.0) for w in self.workers.values() if w.alive]
+        return 0 < rates.get(worker, 0.0) < SLOW * max(known, default=0.0)
+
+    def _in_time(self, worker: int, uid: int) -> bool:
+        """Whether `worker` would finish `uid` before others could get through the queue (unit
+        included) and their own units in flight: for a worker with nothing in flight, the workers
+        faster than it (so the fastest always takes a unit); for a read-ahead unit, all others.
+        Unmeasured workers count as neither."""
+        rates = self.rates or {}
+        mine = rates.get(worker, 0.0)
+        backlog = sum(self.rows.get(u, 0) for u in self.workers[worker].in_flight)
+        others = [w for w in self.workers.values() if w.alive and w.index != worker and rates.get(w.index, 0.0) > 0]
+        if backlog == 0:
+            others = [w for w in others if rates[w.index] > mine]
+        if mine <= 0 or not others:
+            return True
+        ahead = self._queued_rows + sum(self.rows.get(u, 0) for w in others for u in w.in_flight)
+        return (backlog + self.rows.get(uid, 0)) / mine <= ahead / sum(rates[w.index] for w in others)
 
     def complete(self, worker: int, unit_id: int, now: float | None = None) -> None:
         """Record that `worker` finished `unit_id` (at monotonic time `now`: its last progress).
@@ -153,6 +211,7 @@ class Dispatcher:
         if unit.state is not UnitState.RUNNING or unit.worker != worker or unit_id not in w.in_flight:
             raise RuntimeError(f"work unit {unit_id} finished on worker {worker} but was {unit.state.value} on {unit.worker}")
         unit.state = UnitState.DONE
+        self._flight_rows -= self.rows.get(unit_id, 0)
         w.in_flight.discard(unit_id)
         w.done += 1
         w.busy_since = (time.monotonic() if now is None else now) if w.in_flight else None
@@ -172,6 +231,9 @@ class Dispatcher:
         for uid in requeued:
             unit = self.units[uid]
             unit.state, unit.worker = UnitState.QUEUED, None
+            self._queued_rows += self.rows.get(uid, 0)
+            self.queued += 1
+            self._flight_rows -= self.rows.get(uid, 0)
         w.in_flight.clear()
         w.busy_since = None
         orphans = sorted(set(self._orphans) | set(self._own[worker]) | set(requeued))

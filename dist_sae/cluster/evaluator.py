@@ -34,6 +34,7 @@ from dist_sae.sae.sums import OrderedReducer, Sums, unit_groups
 from dist_sae.cluster import runtime
 from dist_sae.cluster.reduce import LostResults, Reducers, RemoteReduction, nbytes, resolve_mode
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
+from dist_sae.cluster.meter import PassMeter
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,12 @@ class RayEvaluator:
             worker is not replaced and the others carry on.
         reduce_fault: test-only: a file path; the first grouped/tree reducer call that finds it
             deletes it and kills its own process (Ray restarts the reducer and reruns the call).
+        balance: the dispatcher's end-of-pass rule from measured rows/s (off: plain on-demand, for
+            the benchmark's before/after).
     """
 
     def __init__(self, cfg: Config, dataset: Dataset, workers: list[Any], depth: int = IN_FLIGHT, launcher: Any = None,
-                 reduce_fault: str | None = None) -> None:
+                 reduce_fault: str | None = None, balance: bool = True) -> None:
         if not workers:
             raise TrainingError("the Ray evaluator needs at least one worker")
         self.cfg = cfg
@@ -79,7 +82,7 @@ class RayEvaluator:
         self._down: dict[int, bool] = {}  # workers not taking units: index -> running as a new actor
         self._generation = [0] * len(self.workers)  # replacements started per worker index
         self._stalled_since: float | None = None
-        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS)
+        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)
         self.rows = dataset.rows
         self.timeout_s = cfg.workers.unit_timeout_s
         self.last_counts: dict[int, int] = {}  # units each worker ran in the last pass
@@ -91,6 +94,12 @@ class RayEvaluator:
         self.reduce_fault = reduce_fault
         self.reducers = Reducers()  # per-node reduction actors (grouped, tree), started on first use
         self.get_s = 0.0  # time spent in ray.get of unit results (the server's receive time)
+        # Device kind of each worker ("cpu"/"gpu", as placed), its measured rows/s (for the
+        # dispatcher's end-of-pass rule), and the current pass's progress (ParameterServer.progress).
+        self.kinds = [launcher.kind(i) if launcher is not None else "cpu" for i in range(len(self.workers))]
+        self._rates: dict[int, float] = {}
+        self.balance = balance
+        self.meter = PassMeter()
 
     # ---- θ in the object store -----------------------------------------------------------
 
@@ -119,11 +128,14 @@ class RayEvaluator:
         """
         by_id = {u.id: u for u in units}
         live = [w for w in range(len(self.workers)) if w not in self._down]
-        dispatcher = Dispatcher(list(by_id), live, self.depth, {**(seed or {}), **self._affinity})
+        rows = {u.id: u.rows for u in units} if below is None and self.balance else None  # not for ordered output
+        dispatcher = Dispatcher(list(by_id), live, self.depth, {**(seed or {}), **self._affinity}, rows, self._rates)
         pending: dict[Any, tuple[int, int]] = {}
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
                 pending[submit(w, by_id[uid])] = (w, uid)
+            self.meter.busy(sum(1 for s in dispatcher.workers.values() if s.alive and s.in_flight), len(dispatcher.live_workers),
+                            dispatcher.queued)
             # Probes first: ray.wait reports ready refs in list order, and a stream of finished units
             # must not keep a worker that is back from rejoining.
             waiting = list(self._probes) + list(pending)
@@ -197,6 +209,7 @@ class RayEvaluator:
     def _failed(self, worker: int, why: str, dispatcher: Dispatcher, pending: dict[Any, tuple[int, int]]) -> None:
         """Requeue a failed worker's units, forget its outstanding calls, then replace it or give up."""
         requeued = dispatcher.worker_failed(worker)
+        self._rates.pop(worker, None)  # its replacement is measured afresh
         for ref in [r for r, (w, _) in pending.items() if w == worker]:
             del pending[ref]  # a late result of the failed worker is never counted
         self._count_failure(dispatcher.workers[worker], why, requeued)
@@ -270,6 +283,7 @@ class RayEvaluator:
         timing = {"read_s": 0.0, "compute_s": 0.0, "add_s": 0.0, "bytes": 0}
         self.get_s = 0.0
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
+        self.meter.start(kind, sum(u.rows for u in units), len(self.workers) - len(self._down))
 
         def submit(w, unit):
             if remote is None:
@@ -293,6 +307,12 @@ class RayEvaluator:
             timing["add_s"] += time.perf_counter() - t_add
             timing["read_s"] += stats["read_s"]
             timing["compute_s"] += stats["compute_s"]
+            worker = self._affinity[uid]  # set by _results to the worker that ran it
+            self.meter.done(self.kinds[worker], unit.rows)
+            busy_s = max(stats["read_s"], stats["compute_s"])  # reads overlap compute: the slower one paces it
+            if busy_s > 0:
+                rate = unit.rows / busy_s
+                self._rates[worker] = 0.5 * (self._rates.get(worker, rate) + rate)
             if bar is not None:
                 bar.update(unit.rows)
 
@@ -309,8 +329,10 @@ class RayEvaluator:
         busy = self.get_s + timing["add_s"] + (remote.busy_s if remote is not None else 0.0)
         received = timing["bytes"] + (remote.received_bytes if remote is not None else 0)
         # io_s / compute_s: worker-seconds reading and computing, summed over workers (reads overlap compute).
+        # tail_s: first worker idle with no unit left to hand out -> pass end; rows_per_s_<kind>: rows
+        # each device kind ran per second.
         return total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live,
-                       "reduce_s": busy, "reduce_bytes": received}
+                       "reduce_s": busy, "reduce_bytes": received, **self.meter.finish()}
 
     def _group_seed(self, units: list[WorkUnit], mode: str) -> dict[int, int] | None:
         """grouped/tree: give each reduction group to one live worker (group j -> the j-th, round

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_sae.config import from_dict
+from dist_sae.config import PoolConfig, from_dict
 from dist_sae.cluster import runtime
 from dist_sae.cluster.worker import Worker, worker_threads
 
@@ -32,12 +32,23 @@ class WorkerSpec:
         resources: extra Ray custom resources the worker needs, e.g. {"fake_gpu": 1}.
         num_cpus, num_gpus: override workers.cpus_per_worker / workers.gpus_per_worker.
         delay_s: test-only: the worker sleeps this long per unit (a slow worker).
+        kind: "cpu" or "gpu", what the worker is counted as (metrics, progress); None: "gpu"
+            when it reserves GPUs, else "cpu".
     """
 
     resources: dict[str, float] = field(default_factory=dict)
     num_cpus: float | None = None
     num_gpus: float | None = None
     delay_s: float = 0.0
+    kind: str | None = None
+
+    @classmethod
+    def of_pool(cls, pool: PoolConfig) -> WorkerSpec:
+        """A worker of a workers.pools entry: Ray's GPU resource as num_gpus, any other as a custom resource."""
+        gpus = pool.gpu_share
+        real = pool.gpu_resource == "GPU"
+        custom = {pool.gpu_resource: gpus} if gpus > 0 and not real else {}
+        return cls(resources=custom, num_cpus=pool.cpus, num_gpus=gpus if real else 0.0, kind=pool.kind)
 
 
 @dataclass
@@ -55,6 +66,14 @@ class WorkerLauncher:
     dataset_path: str
     namespace: str
     specs: list[WorkerSpec]
+
+    def kind(self, index: int) -> str:
+        """What worker `index` is counted as: "cpu" or "gpu"."""
+        spec = self.specs[index]
+        if spec.kind:
+            return spec.kind
+        gpus = from_dict(self.config).workers.gpus_per_worker if spec.num_gpus is None else spec.num_gpus
+        return "gpu" if gpus > 0 else "cpu"
 
     def start(self, index: int, generation: int = 0) -> Any:
         """A new actor for worker `index` (generation > 0: a replacement; the name says which)."""

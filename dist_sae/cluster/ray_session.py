@@ -1,7 +1,7 @@
 """ClusterSession: the Ray counterpart of session.LocalSession (same interface).
 
-Builds the worker actors (one per CPU slot or GPU), a driver-side PassProblem over a RayEvaluator
-(for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
+Builds the worker actors (one per CPU slot or GPU, or as workers.pools asks), a driver-side
+PassProblem over a RayEvaluator (for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
 driven through a thin proxy. Actors are named `dist_sae.ParameterServer` and `dist_sae.worker-N`
 in a namespace unique to the run, so `ray list actors` and the dashboard show them and two runs
 on one cluster do not clash.
@@ -26,6 +26,8 @@ from dist_sae.errors import ConfigError, TrainingError
 from dist_sae.cluster import runtime
 from dist_sae.cluster.evaluator import RayEvaluator
 from dist_sae.cluster.launcher import WorkerLauncher, WorkerSpec
+from dist_sae.cluster.meter import POLL_S, PassBars
+from dist_sae.cluster.placement import node_resources, plan_pools
 from dist_sae.cluster.server import ParameterServer
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,15 @@ def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
     return max(1, int(resources.get("CPU", 0.0) // workers.cpus_per_worker))
 
 
+def worker_specs_of(cfg: Config, resources: dict[str, float], nodes: list[dict[str, float]]) -> list[WorkerSpec]:
+    """The workers of a run: workers.pools packed onto `nodes` (placement.plan_pools), else the plain keys'."""
+    pools = cfg.workers.pools
+    if not pools:
+        return [WorkerSpec() for _ in range(worker_count(cfg.workers, resources))]
+    counts = plan_pools(pools, nodes)
+    return [WorkerSpec.of_pool(pool) for pool, n in zip(pools, counts) for _ in range(n)]
+
+
 def check_placement(cfg: Config, resources: dict[str, float]) -> None:
     """Fail before any work starts when the run asks for GPUs the cluster does not have.
 
@@ -55,7 +66,7 @@ def check_placement(cfg: Config, resources: dict[str, float]) -> None:
             f"workers.gpus_per_worker={w.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPU(s); "
             "set workers.gpus_per_worker=0 to compute on CPUs, or add GPU nodes to the cluster"
         )
-    if cfg.compute.device == "cuda" and w.gpus_per_worker <= 0:
+    if cfg.compute.device == "cuda" and w.gpus_per_worker <= 0 and not w.pools:
         raise ConfigError(
             "compute.device=cuda on Ray needs workers.gpus_per_worker > 0 (Ray hides GPUs from workers that reserve none); "
             "set workers.gpus_per_worker=1, or compute.device=auto"
@@ -65,12 +76,18 @@ def check_placement(cfg: Config, resources: dict[str, float]) -> None:
 class RemoteStepper:
     """The train.loop.Stepper interface over a ParameterServer actor: each call is one round trip."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, bars: Any = None, poll_s: float = POLL_S) -> None:
         self._server = server
+        self.bars = bars  # (kind, rows) -> progress bar: the passes of each step are drawn (cluster.meter)
+        self.poll_s = poll_s
         self.converged = bool(runtime.get(server.converged.remote(), "starting the parameter server"))
 
     def step(self) -> dict[str, Any]:
-        metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
+        def snapshot() -> dict[str, Any]:  # answered while step() runs, in the server's own "progress" group
+            return runtime.get(self._server.progress.options(concurrency_group="progress").remote(), "reading pass progress", timeout=10)
+
+        with PassBars(snapshot, self.bars, self.poll_s):
+            metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,12 +121,12 @@ class ClusterSession:
         # Actors may run in another working directory (a Ray job's): give them an absolute path.
         self.dataset_path = dataset.url or str(Path(dataset.path).resolve())
         self._config = cfg.with_overrides({"data.path": self.dataset_path}).model_dump()
-        requested = len(worker_specs) if worker_specs else cfg.workers.num
+        requested = len(worker_specs) if worker_specs else (0 if cfg.workers.pools else cfg.workers.num)
         self._ray = runtime.connect(cfg.workers, dashboard=dashboard, num_cpus=_local_cpus(requested, cfg.workers))
         try:
             resources = ray.cluster_resources()
             check_placement(cfg, resources)
-            specs = worker_specs or [WorkerSpec() for _ in range(worker_count(cfg.workers, resources))]
+            specs = worker_specs or worker_specs_of(cfg, resources, node_resources(ray.nodes()))
             self.namespace = runtime.run_namespace()
             self.launcher = WorkerLauncher(self._config, self.dataset_path, self.namespace, list(specs))
             self.workers = [self.launcher.start(i) for i in range(len(specs))]
@@ -118,7 +135,7 @@ class ClusterSession:
                 [w.info.remote() for w in self.workers], "starting the workers", timeout=cfg.workers.unit_timeout_s
             )
             log.info("%d Ray workers in namespace %s: %s", len(self.workers), self.namespace,
-                     ", ".join(f"{i['device']}@{i['host']}" for i in self.worker_info))
+                     ", ".join(f"{self.launcher.kind(n)}:{i['device']}@{i['host']}" for n, i in enumerate(self.worker_info)))
             # The evaluator shares self.workers: a worker it replaces is the session's (close kills it).
             self.problem = PassProblem(RayEvaluator(cfg, dataset, self.workers, launcher=self.launcher), cfg)
         except BaseException:
@@ -138,7 +155,9 @@ class ClusterSession:
             self.server = None
             _wait_until_unnamed(SERVER_NAME, self.namespace)
         self.server = (
-            ray.remote(ParameterServer)
+            # progress() has a concurrency group of its own, so the driver's pass bars are answered
+            # while step() runs; every other call still waits for the step (one at a time, as before).
+            ray.remote(concurrency_groups={"progress": 1})(ParameterServer)
             .options(
                 name=SERVER_NAME,
                 namespace=self.namespace,
@@ -147,7 +166,7 @@ class ClusterSession:
             )
             .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
         )
-        return RemoteStepper(self.server)
+        return RemoteStepper(self.server, bars=getattr(self.problem.evaluator, "progress", None))
 
     def close(self) -> None:
         """Kill the actors this session made; shut Ray down only if this session started it.

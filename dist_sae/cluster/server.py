@@ -83,6 +83,15 @@ class ParameterServer:
 
         return _node_id()
 
+    def progress(self) -> dict[str, Any]:
+        """The running pass: {"seq", "kind", "rows", "done", "busy", "workers", "running"} (cluster.meter).
+
+        Answered while step() runs when called in the "progress" concurrency group the session gives
+        the actor (every other method still runs one at a time); it only copies a small dict under
+        the meter's lock.
+        """
+        return self.evaluator.meter.snapshot()
+
     def worker_failures(self) -> int:
         """Worker failures handled so far in this run."""
         return self.evaluator.failures

@@ -228,6 +228,8 @@ class Trainer:
         for key in ("io_s", "compute_s", "pass1_s", "pass2_s", "workers"):
             if key in ev.stats:
                 out[key] = ev.stats[key]
+        # Ray: the passes' tail (first worker idle -> pass end) and the last pass's rows/s per device kind.
+        out.update({k: v for k, v in ev.stats.items() if k == "tail_s" or k.startswith("rows_per_s_")})
         out.setdefault("workers", 1)  # workers alive: evaluators that have several report stats["workers"]
         rho_target = dict(zip(sp.layers, sp.per_layer("rho"))) if sp.kind == "kl" else {}
         for layer, means in enumerate(ev.layer_means, start=1):

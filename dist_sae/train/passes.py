@@ -216,7 +216,7 @@ class LocalEvaluator:
         self.runner = runner
         self.runner.recycle = True  # every block run() and map_units() load is released after use
         self.prefetch_depth = prefetch_depth
-        self.units = runner.dataset.units(block_rows, min_units=PASS_MIN_UNITS)  # cut as RayEvaluator cuts
+        self.units = runner.dataset.units(block_rows, min_units=PASS_MIN_UNITS, taper=runner.cfg.data.taper)  # cut as RayEvaluator cuts
         self.rows = runner.dataset.rows
         self._version = 0
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
@@ -319,7 +319,7 @@ class PassProblem:
         ev = finalize(self.obj, self.layout, theta, sums, state, self.decay)
         ev.stats.update(stats)
         ev.stats.update({k: v for k, v in timing.items() if k != "wall_s"})
-        for key in ("io_s", "compute_s"):  # I/O and compute time of both passes of this evaluation
+        for key in ("io_s", "compute_s", "tail_s"):  # I/O, compute and tail time of both passes of this evaluation
             if key in pass1_timing and key in ev.stats:
                 ev.stats[key] += pass1_timing[key]
         return ev
