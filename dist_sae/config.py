@@ -77,8 +77,8 @@ class SparsityConfig(Section):
     """Automatic refresh policy: the share of training time the exact refreshes (pass 1 over all data) may take, by a fixed cost model (see the README), so the schedule depends on the data and batch sizes only, never on timings."""
     refresh_tol: float = Field(default=0.1, gt=0.0)
     """Automatic refresh policy: the ρ̂ error accepted, mean over units of |ρ̂_used − ρ̂_exact| / ρ measured at each refresh."""
-    refresh_decay: float = Field(default=0.9, ge=0.0, lt=1.0)
-    """Automatic refresh policy: decay of the running minibatch means that move ρ̂ between exact refreshes (0.9: about 10 steps of lag; the minibatch noise it lets through is in the error measured at each refresh)."""
+    refresh_decay: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """Automatic refresh policy: decay of the running minibatch means that move ρ̂ between exact refreshes (0.5: about one step of lag; the minibatch noise it lets through is in the error measured at each refresh)."""
     ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
     """Decay of the running ρ̂ average with rho_hat=ema."""
     passes: Literal[1, 2] = 2
