@@ -71,9 +71,15 @@ class SparsityConfig(Section):
     beta: float | list[float] = 3.0
     """Weight β of the KL penalty, >= 0; one value, or one per entry of `layers`."""
     rho_hat: Literal["exact", "ema", "batch"] = "exact"
-    """How minibatch optimizers get ρ̂: exact (pass 1 over all data every `refresh_every` steps), ema (running average), batch (current minibatch only, the tutorials' way). Full-batch methods are always exact."""
+    """How minibatch optimizers get ρ̂: exact (pass 1 over all data, refreshed by `refresh_every`), ema (running average), batch (current minibatch only, the tutorials' way). Full-batch methods are always exact."""
     refresh_every: int = Field(default=0, ge=0)
-    """With rho_hat=exact and a minibatch optimizer: recompute the exact ρ̂ every K steps; 0 means once per epoch."""
+    """With rho_hat=exact and a minibatch optimizer: recompute the exact ρ̂ every K steps and hold it in between (a fixed schedule). 0: the automatic policy: exact ρ̂ at each refresh, moved between refreshes by the running minibatch means (refresh_decay); the staleness bound starts at the shortest that refresh_budget affords, is halved (down to that) when the error measured at a refresh exceeds refresh_tol and doubled (up to an epoch) below a quarter of it."""
+    refresh_budget: float = Field(default=0.25, gt=0.0, lt=1.0)
+    """Automatic refresh policy: the share of training time the exact refreshes (pass 1 over all data) may take, by a fixed cost model (see the README), so the schedule depends on the data and batch sizes only, never on timings."""
+    refresh_tol: float = Field(default=0.1, gt=0.0)
+    """Automatic refresh policy: the ρ̂ error accepted, mean over units of |ρ̂_used − ρ̂_exact| / ρ measured at each refresh."""
+    refresh_decay: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """Automatic refresh policy: decay of the running minibatch means that move ρ̂ between exact refreshes (0.5: about one step of lag; the minibatch noise it lets through is in the error measured at each refresh)."""
     ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
     """Decay of the running ρ̂ average with rho_hat=ema."""
     passes: Literal[1, 2] = 2

@@ -38,6 +38,7 @@ from dist_sae.cluster.meter import PassMeter
 
 log = logging.getLogger(__name__)
 
+INLINE_THETA_BYTES = 64 * 1024  # θ up to this size travels inside each call (Ray inlines arguments under 100 KB)
 IN_FLIGHT = 2  # units per worker: one computing, one being read (the worker has max_concurrency=2)
 
 # Errors that say the worker (or its node, or the result it stored there) is gone, not that the
@@ -48,6 +49,12 @@ WORKER_LOST = (
     ray.exceptions.NodeDiedError,
     ray.exceptions.ObjectLostError,
 )
+
+
+def wire(unit: WorkUnit) -> tuple[int, int, int, int]:
+    """A unit as the worker calls take it, (id, shard, start, stop): Ray serializes a tuple of ints
+    in half the time of the dataclass (cloudpickle), and each minibatch step sends one per worker."""
+    return (unit.id, unit.shard, unit.start, unit.stop)
 
 
 class RayEvaluator:
@@ -104,11 +111,17 @@ class RayEvaluator:
     # ---- θ in the object store -----------------------------------------------------------
 
     def _put_theta(self, theta: np.ndarray) -> tuple[str, Any]:
-        """(key, ObjectRef) of θ, put once per distinct θ."""
+        """(key, θ or its ObjectRef): a small θ goes inline with each call, a large one is put once per distinct θ.
+
+        Below INLINE_THETA_BYTES the store costs more than it saves: ray.put, then every worker asks
+        the owner for the object before it can start (measured 1.5 ms of the server's 7.5 ms per
+        minibatch step for the 64-25-64 model, 26 KB); Ray copies small arguments into the call itself.
+        Inline θ travels as bytes, which Ray serializes 30× faster than an ndarray (see wire()).
+        """
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         digest = hashlib.sha1(theta.tobytes()).digest()
         if digest != self._theta_digest:
-            self._theta_ref = ray.put(theta)
+            self._theta_ref = theta.tobytes() if theta.nbytes <= INLINE_THETA_BYTES else ray.put(theta)
             self._theta_digest = digest
         return digest.hex(), self._theta_ref
 
@@ -275,7 +288,7 @@ class RayEvaluator:
         theta_key, theta_ref = self._put_theta(theta)
         g_key = f"{theta_key}:{self._passes}" if g is not None else None
         # g is a few floats per hidden unit: sent inline with each call rather than through the store.
-        g_arg = [np.asarray(v, dtype=np.float64) for v in g] if g is not None else None
+        g_arg = [np.asarray(v, dtype=np.float64).tobytes() for v in g] if g is not None else None
         mode = resolve_mode(self.cfg.workers.reduce, kind, len(units))
         reducer = OrderedReducer([u.id for u in units])
         remote = RemoteReduction([u.id for u in units], mode, self.reducers, self.reduce_fault) if mode != "server" else None
@@ -287,8 +300,8 @@ class RayEvaluator:
 
         def submit(w, unit):
             if remote is None:
-                return self.workers[w].run.remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
-            meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, unit, theta_key, theta_ref, g_key, g_arg)
+                return self.workers[w].run.remote(kind, wire(unit), theta_key, theta_ref, g_key, g_arg)
+            meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, wire(unit), theta_key, theta_ref, g_key, g_arg)
             return meta
 
         def consume(unit, result, bar):
@@ -373,7 +386,7 @@ class RayEvaluator:
             return order[position + window].id if position + window < len(order) else None
 
         def submit(w, unit):
-            return self.workers[w].transform.remote(kind, unit, theta_key, theta_ref, layer)
+            return self.workers[w].transform.remote(kind, wire(unit), theta_key, theta_ref, layer)
 
         for unit, (got_id, out) in self._results(order, submit, bound):
             if got_id != unit.id:

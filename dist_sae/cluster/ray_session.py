@@ -90,6 +90,11 @@ class RemoteStepper:
             metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
         return metrics
 
+    def steps(self, n: int) -> list[dict[str, Any]]:
+        """Up to `n` steps in one round trip (the minibatch loop's way: a round trip costs more than a step)."""
+        done, self.converged = runtime.get(self._server.steps.remote(n), "training steps")
+        return done
+
     def state_dict(self) -> dict[str, Any]:
         return runtime.get(self._server.state_dict.remote(), "reading the trainer state")
 

@@ -64,6 +64,11 @@ class ParameterServer:
         metrics = self.stepper.step()
         return metrics, self.stepper.converged
 
+    def steps(self, n: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `n` optimizer steps in one call: (their metrics, converged). See AtomicStepper.steps."""
+        done = self.stepper.steps(n)
+        return done, self.stepper.converged
+
     def converged(self) -> bool:
         return self.stepper.converged
 

@@ -120,39 +120,43 @@ class Worker:
             "node_id": _node_id(),
         }
 
-    def _set_theta(self, theta: np.ndarray, theta_key: object) -> None:
-        # θ arrives as a read-only view of the object store; it is only copied into the model.
+    def _set_theta(self, theta: np.ndarray | bytes, theta_key: object) -> None:
+        # θ arrives as a read-only view of the object store, or as the bytes of a small θ sent with
+        # the call; either way it is only copied into the model.
+        if isinstance(theta, bytes):
+            theta = np.frombuffer(theta, dtype=np.float64)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.runner.set_theta(theta, theta_key)  # skipped when theta_key is the one loaded
 
-    def _load(self, theta_key: object, theta: np.ndarray, g_key: object, g: list[np.ndarray] | None) -> None:
+    def _load(self, theta_key: object, theta: np.ndarray | bytes, g_key: object, g: list[bytes] | None) -> None:
         self._set_theta(theta, theta_key)
         if g_key is None or g_key != self._g_key:
-            self.runner.set_g(g)
+            self.runner.set_g(None if g is None else [np.frombuffer(v, dtype=np.float64) for v in g])
             self._g_key = g_key
 
     def run(
         self,
         kind: str,
-        unit: WorkUnit,
+        unit: tuple[int, int, int, int],
         theta_key: object,
-        theta: np.ndarray,
+        theta: np.ndarray | bytes,
         g_key: object = None,
-        g: list[np.ndarray] | None = None,
+        g: list[bytes] | None = None,
     ) -> tuple[int, Sums, dict[str, float]]:
         """Partial sums of one unit for pass1, pass2 or onepass.
 
         Args:
-            unit: the rows to run.
+            unit: the rows to run, as (id, shard, start, stop) (evaluator.wire).
             theta_key: names θ; the model is reloaded only when it changes.
-            theta: θ (P,) float64 (Ray passes it from the object store, read-only).
-            g_key, g: names and holds the KL′ vectors of pass 2 (None otherwise).
+            theta: θ (P,) float64 (Ray passes it from the object store, read-only), or its bytes.
+            g_key, g: names and holds the KL′ vectors of pass 2, float64 bytes (None otherwise).
 
         Returns:
             (unit id, float64 sums incl. "rows", {"read_s", "compute_s"}).
         """
         t0 = time.perf_counter()
+        unit = WorkUnit(*unit)
         # Outside the lock, so it overlaps the other call's compute: HDF5 (or the worker's block
         # cache, data.cache_mb), data.transform, conversion to the compute dtype and device.
         block = self.runner.load(unit)
@@ -167,7 +171,7 @@ class Worker:
             t3 = time.perf_counter()
         return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
 
-    def run_kept(self, kind: str, unit: WorkUnit, *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
+    def run_kept(self, kind: str, unit: tuple[int, int, int, int], *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
         """`run` (context: its theta_key, theta, g_key, g), with the sums as a second return value:
         called with num_returns=2, they stay in this node's object store for the grouped or tree
         reduction (cluster/reduce.py), and only (unit id, stats incl. "node": this node's id) and
@@ -175,8 +179,10 @@ class Worker:
         uid, sums, stats = self.run(kind, unit, *context)
         return (uid, {**stats, "node": self._node}), sums
 
-    def transform(self, kind: str, unit: WorkUnit, theta_key: object, theta: np.ndarray, layer: int | None = None) -> tuple[int, np.ndarray]:
-        """Per-row outputs of one unit: `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
+    def transform(self, kind: str, unit: tuple[int, int, int, int], theta_key: object, theta: np.ndarray | bytes,
+                  layer: int | None = None) -> tuple[int, np.ndarray]:
+        """Per-row outputs of one unit (id, shard, start, stop): `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
+        unit = WorkUnit(*unit)
         block = self.runner.load(unit)
         with self._compute:
             self._maybe_fail()

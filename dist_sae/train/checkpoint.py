@@ -141,6 +141,7 @@ class AtomicStepper:
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self._error: Exception | None = None  # a failed step's error, held back for the next steps() call
 
     @property
     def converged(self) -> bool:
@@ -155,10 +156,31 @@ class AtomicStepper:
             self.trainer.load_state_dict(before)
             raise
 
+    def steps(self, n: int) -> list[dict[str, Any]]:
+        """Up to `n` steps (fewer once converged) and their metrics, in one call (one round trip
+        when the trainer is remote). A step that fails after some completed ones is rolled back
+        and its error raised by the next call, so the completed steps' metrics are kept."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        done: list[dict[str, Any]] = []
+        for _ in range(n):
+            if self.converged:
+                break
+            try:
+                done.append(self.step())
+            except Exception as exc:  # not KeyboardInterrupt: a stop request ends the call at once
+                if not done:
+                    raise
+                self._error = exc
+                break
+        return done
+
     def state_dict(self) -> dict[str, Any]:
         return self.trainer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._error = None
         self.trainer.load_state_dict(state)
 
     def theta(self) -> np.ndarray:

@@ -7,6 +7,7 @@ shares one local Ray per module (`ray_session`, tests/conftest.py), bound to 127
 from __future__ import annotations
 
 import json
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -126,12 +127,12 @@ def test_plain_worker_matches_the_pass_runner_without_ray(data):
     runner = PassRunner(cfg, ds)
     runner.set_theta(theta)
     unit = ds.units(cfg.data.block_rows)[3]
-    uid, sums, stats = worker.run("pass1", unit, "k", theta)
+    uid, sums, stats = worker.run("pass1", astuple(unit), "k", theta)
     expected = runner.run_unit("pass1", unit)
     assert uid == unit.id and set(stats) >= {"read_s", "compute_s"}
     for key in expected:
         np.testing.assert_array_equal(sums[key], expected[key])
-    _, codes = worker.transform("encode", unit, "k", theta)
+    _, codes = worker.transform("encode", astuple(unit), "k", theta)
     assert codes.shape == (unit.rows, 6)
     worker.close()
     runner.close()
@@ -257,9 +258,10 @@ def test_map_units_yields_in_unit_order_like_the_local_evaluator(sessions, data)
 
 
 @pytest.mark.ray
-def test_minibatch_adam_on_ray_equals_single_process(sessions, data):
+@pytest.mark.parametrize("refresh_every", [3, 0])  # a fixed schedule; the automatic policy
+def test_minibatch_adam_on_ray_equals_single_process(sessions, data, refresh_every):
     session = sessions(2, optim__method="adam", optim__lr=0.01, optim__batch_size=100, optim__batch_parts=3,
-                       sparsity__refresh_every=3)
+                       sparsity__refresh_every=refresh_every)
     theta0 = initial_theta(session.cfg, None)
     local = LocalSession(session.cfg.with_overrides({"workers.engine": "local"}), Dataset.open(data))
     try:
@@ -268,6 +270,9 @@ def test_minibatch_adam_on_ray_equals_single_process(sessions, data):
             m_ref, m = ref.step(), remote.step()
             assert abs(m["J"] - m_ref["J"]) <= 1e-12 * abs(m_ref["J"])
             assert m["rho_hat_staleness"] == m_ref["rho_hat_staleness"]
+            assert m["refreshes"] == m_ref["refreshes"] and m["refresh_interval"] == m_ref["refresh_interval"]
+            if "rho_hat_error" in m_ref:  # the same schedule, the same ρ̂ error measured
+                assert m["rho_hat_error"] == pytest.approx(m_ref["rho_hat_error"], rel=1e-9)
         theta_ref = ref.state_dict()["theta"].numpy()
         assert np.max(np.abs(remote.state_dict()["theta"].numpy() - theta_ref)) <= 1e-10
     finally:

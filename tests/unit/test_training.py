@@ -68,7 +68,7 @@ def test_minibatch_exact_uses_full_data_rho_hat_and_batch_mode_does_not(dataset)
     rows = np.concatenate([x[u.shard * 64 + u.start : u.shard * 64 + u.stop] for u in units])
     np.testing.assert_allclose(used_batch, sigmoid_means(model, rows), rtol=1e-12)  # this batch's only
     assert np.abs(used_batch - full).max() > 1e-3
-    m_exact, m_batch = exact.metrics(exact.last or _ev(exact), 1.0, 1), None
+    m_exact = exact.metrics(exact.last or _ev(exact), 1.0, 1)
     assert m_exact["rho_hat_mode"] == "exact"
 
 
@@ -200,3 +200,35 @@ def test_ema_rho_hat_is_never_stale(dataset):
     path, _ = dataset
     trainer, _ = _trainer(path, sparsity__rho_hat="ema")
     assert [trainer.step()["rho_hat_staleness"] for _ in range(4)] == [0, 0, 0, 0]
+
+
+def _exact_minibatch_run(path, **overrides):
+    """One epoch of Adam on 256 minibatches; (trainer, exact mean activation of the final model)."""
+    cfg = config(path, model__hidden=[25], optim__method="adam", optim__lr=0.005, optim__batch_size=32, **overrides)
+    ds = Dataset.open(path)
+    cfg = bind_dataset(cfg, ds)
+    problem = local_problem(cfg, ds)
+    batches = minibatches(ds, 32, 1)
+    trainer = Trainer(cfg, problem, initial_theta(cfg, None), batches)
+    lines = [trainer.step() for _ in range(len(batches))]
+    return trainer, lines, float(problem.layer_means(trainer.theta.detach().numpy())[0].mean())
+
+
+def test_default_exact_rho_hat_reaches_the_target_where_once_per_epoch_does_not(tmp_path):
+    from dist_sae.data.build import build_synthetic
+
+    build_synthetic(tmp_path / "d", 8192, dim=64, seed=0, atoms=16, active=2)
+    # The old default: ρ̂ exact at the initial weights (≈0.5), held for the whole epoch.
+    _, _, held = _exact_minibatch_run(tmp_path / "d", sparsity__refresh_every=256)
+    trainer, lines, auto = _exact_minibatch_run(tmp_path / "d")
+    assert abs(held - 0.01) > 0.5 * 0.01  # the KL gradient kept pushing: far below ρ
+    assert abs(auto - 0.01) < 0.2 * 0.01
+    # The policy: the shortest staleness bound its cost model affords (here ceil(8192·3 / (4000 + 32·2))
+    # = 7 steps), doubled while the error measured at a refresh stays small; each refresh logs that error.
+    shortest, longest = trainer._interval_bounds()
+    assert (shortest, longest) == (7, 256)
+    assert 2 <= trainer.refreshes <= 256 // shortest + 1 and lines[-1]["refreshes"] == trainer.refreshes
+    assert shortest <= lines[-1]["refresh_interval"] <= longest
+    assert lines[0]["rho_hat_staleness"] == 0 and "rho_hat_error" not in lines[0]
+    assert 0 < lines[-1]["rho_hat_error"] < 0.1 and lines[-1]["rho_hat_error_max"] >= lines[-1]["rho_hat_error"]
+    assert lines[-1]["refresh_s"] > 0
