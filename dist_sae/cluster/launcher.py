@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_sae.config import PoolConfig, from_dict
+from dist_sae.config import from_dict
+
+from dist_sae.sections import PoolConfig
 from dist_sae.cluster import runtime
 from dist_sae.cluster.worker import Worker, worker_threads
 

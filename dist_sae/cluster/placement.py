@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from dist_sae.config import PoolConfig
+from dist_sae.sections import PoolConfig
 from dist_sae.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,9 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dist_sae.config import Config, WorkersConfig
+from dist_sae.config import Config
+
+from dist_sae.sections import WorkersConfig
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.passes import PassProblem, minibatches
 from dist_sae.errors import ConfigError, TrainingError

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from dist_sae.config import WorkersConfig
+from dist_sae.sections import WorkersConfig
 from dist_sae.errors import ConfigError, DistSaeError, TrainingError
 
 log = logging.getLogger(__name__)

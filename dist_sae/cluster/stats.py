@@ -11,7 +11,7 @@ from __future__ import annotations
 import ray
 import ray.exceptions
 
-from dist_sae.config import WorkersConfig
+from dist_sae.sections import WorkersConfig
 from dist_sae.errors import DataError, DistSaeError
 from dist_sae.data.reader import BlockReader
 from dist_sae.data.dataset import Dataset, WorkUnit

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "dist_sae"
 
 # Lowest first. A module may import from its own layer or any layer before it, never after.
 LAYERS = [
-    ("dist_sae.errors", "dist_sae.config", "dist_sae.progress", "dist_sae.version"),
+    ("dist_sae.errors", "dist_sae.config", "dist_sae.sections", "dist_sae.progress", "dist_sae.version"),
     ("dist_sae.data",),
     ("dist_sae.sae",),
     ("dist_sae.train",),

@@ -14,7 +14,8 @@ from dist_sae.cluster.dispatch import Dispatcher
 from dist_sae.cluster.launcher import WorkerSpec
 from dist_sae.cluster.meter import PassBars, PassMeter
 from dist_sae.cluster.placement import demand, plan_pools
-from dist_sae.config import PoolConfig, describe_keys, load_config
+from dist_sae.config import describe_keys, load_config
+from dist_sae.sections import PoolConfig
 from dist_sae.data.dataset import Dataset, WorkUnit, taper_units
 from dist_sae.errors import ConfigError
 from dist_sae.session import initial_theta
