@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dist_sae.errors import DataError
-from dist_sae.data.sources import Source
+from dist_sae.data.sources import Range, Source
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ def load_image(path: Path, mode: str = "gray", size: tuple[int, int] | None = No
 
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """list_images, with a one-line error for a missing or empty folder, or one with no images."""
+    files = list_images(folder)
+    if not files:
+        what = "is empty" if not any(Path(folder).iterdir()) else f"holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        raise DataError(f"image folder {folder} {what}")
+    return files
+
+
 class ImageFolderSource(Source):
     """A folder tree of PNG/JPEG/TIFF; a file that cannot be decoded is logged by name and skipped."""
 
@@ -82,9 +91,7 @@ class ImageFolderSource(Source):
         if fit not in ("resize", "crop"):
             raise DataError(f"fit must be resize or crop, got {fit!r}")
         self.folder, self.mode, self.size, self.fit = Path(folder), mode, size, fit
-        self.files = list_images(folder)
-        if not self.files:
-            raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.files = image_files(folder)
         self.shape = self._first_shape()
         self.sample_shape = list(self.shape)
         self.dim = int(np.prod(self.shape))
@@ -107,9 +114,21 @@ class ImageFolderSource(Source):
             self.skipped[rel] = f"{type(exc).__name__}: {exc}"
             log.warning("skipping %s: cannot decode it (%s)", f, exc)
 
+    @property
+    def planned_rows(self) -> int:
+        return len(self.files)
+
+    @property
+    def items(self) -> int:
+        """Ranges count files: a shard holds the images of `per_shard` consecutive files (fewer rows when some are skipped)."""
+        return len(self.files)
+
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        yield from self.range_blocks(Range(0, 0, len(self.files)), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
         buf: list[np.ndarray] = []
-        for f in self.files:
+        for f in self.files[r.start : r.stop]:
             try:
                 x = load_image(f, self.mode, self.size, self.fit)
             except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError (truncated), ValueError, ...
