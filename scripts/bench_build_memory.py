@@ -98,8 +98,7 @@ def main() -> None:
                 if case == "npy":
                     make_npy(rows, work / f"input-{rows}.npy")
                 r = json.loads(subprocess.run([sys.executable, __file__, "--measure", case, str(rows), str(work)], capture_output=True, text=True, check=True).stdout)
-                options = prep.WriterOptions(shard_bytes="256MB", quiet=True)
-    out = work / f"{case}-{rows}"
+                out = work / f"{case}-{rows}"
                 disk = sum(p.stat().st_size for p in out.iterdir()) if out.is_dir() else 0
                 results.append({"case": case, "size": size, "rows": rows, "dim": DIM, "dataset_bytes": disk, **{k: v for k, v in r.items() if k != "stderr" or r["rc"]}})
                 print(json.dumps(results[-1]), file=sys.stderr)

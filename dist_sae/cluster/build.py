@@ -93,3 +93,25 @@ def ray_runner(address: str | None = None, workers: int | None = None, max_retri
                 ray.wait(list(running), num_returns=len(running), timeout=10)
 
     return run
+
+
+def ray_data_rate(folder, size: tuple[int, int], workers: int) -> float | str:
+    """Rows/s of the design not chosen: Ray Data's read_images + map_batches (scale to [0, 1]) over
+    the folder, ordered, on `workers` CPUs, rows consumed and nothing written (dist_sae.bench.build
+    measures it next to ray_runner); a sentence instead when Ray Data does not import (it needs pandas)."""
+    import time
+
+    import numpy as np
+
+    try:
+        import ray.data
+    except ImportError as exc:
+        return f"not measured: Ray Data does not import here ({exc})"
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=workers)
+    t = time.perf_counter()
+    ds = ray.data.read_images(str(folder), size=size, mode="L", include_paths=False, file_extensions=["jpg", "jpeg", "png"])
+    ds = ds.map_batches(lambda b: {"x": b["image"].reshape(len(b["image"]), -1).astype(np.float32) / 255.0}, batch_format="numpy")
+    rows = sum(len(b["x"]) for b in ds.iter_batches(batch_size=1024, batch_format="numpy"))
+    return rows / (time.perf_counter() - t)

@@ -45,7 +45,7 @@ def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
     size = g.add_mutually_exclusive_group()
     if not transform:
         size.add_argument("--shards", type=int, help="number of shards (sources with a known row count)")
-    size.add_argument("--shard-rows", type=int, help="rows per shard")
+    size.add_argument("--shard-rows", type=int, help="rows per shard (--from images: files per shard)")
     size.add_argument("--shard-size", help="bytes per shard, e.g. 256MB (the default)")
     g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
     g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default none)")

@@ -194,7 +194,8 @@ def build(
         options: shard size, dtype, chunks, compression, overwrite, quiet (WriterOptions).
         base: a transform already applied to the source's rows (kept first in the saved transform).
         stats: a factory (Dataset, block_rows) -> SumsFn running the statistics passes elsewhere (Ray);
-            the raw rows are then staged (float64) in `<out>.staging/` and the passes run over its shards.
+            the raw rows are then staged (float64) in `<out>.staging/` and the passes run over its shards
+            (for a source that can be cut; digits and the bundled photographs' patches fit here).
         runner: writes the ranges of a source that can be cut (default: here, one after another;
             dist_sae.cluster.build.ray_runner: as Ray tasks). Sources that cannot be cut (digits,
             patches of the bundled photographs) are written here in any case.
@@ -210,7 +211,7 @@ def build(
     out = Path(out)
     specs = list(preprocessing or [])
     check_out(out, options.overwrite)
-    if stats is not None and specs:
+    if stats is not None and specs and source.items is not None:  # a source that cannot be cut is small: all here
         return _build_staged(source, out, specs, stats, options, base, runner)
     block_rows = options.block_rows or default_block_rows(source.dim)
     ranges = plan_ranges(source, options, _out_dim(specs, source.dim), options.dtype or source.dtype)

@@ -131,7 +131,7 @@ def test_cli_transform(sharded, tmp_path, capsys):
 def test_pca_keeps_k_components_of_mean_free_rows_without_epsilon(tmp_path):
     """Notes-normalised rows are mean-free, so the covariance has a zero eigenvalue; PCA that keeps
     only the leading components never divides by it and must not call the covariance singular."""
-    from dist_sae.data.build import WriterOptions, build_from_npy
+    from dist_sae.data.build import build_from_npy
     from dist_sae.data.transforms import StepSpec
 
     x = np.random.default_rng(0).normal(size=(300, 6)) * np.array([3.0, 2.0, 1.5, 1.0, 0.5, 0.2])
