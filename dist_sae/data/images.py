@@ -79,7 +79,17 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-class ImageFolderSource(Source):
+class FileList:
+    """Pickles a source's `files` as strings: every task of a parallel build unpickles the whole
+    list, 20,000 Paths in 90 ms of CPU, 20,000 strings in 1.3 ms (measured on the loaded 2-core machine)."""
+
+    files: list
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "files": [os.fspath(f) for f in self.files]}
+
+
+class ImageFolderSource(FileList, Source):
     """A folder tree of PNG/JPEG/TIFF; a file that cannot be decoded is logged by name and skipped."""
 
     name = "images"
@@ -128,7 +138,7 @@ class ImageFolderSource(Source):
 
     def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
         buf: list[np.ndarray] = []
-        for f in self.files[r.start : r.stop]:
+        for f in map(Path, self.files[r.start : r.stop]):
             try:
                 x = load_image(f, self.mode, self.size, self.fit)
             except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError (truncated), ValueError, ...

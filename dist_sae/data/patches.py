@@ -24,7 +24,7 @@ import numpy as np
 
 from dist_sae.errors import DataError
 from dist_sae.data.sources import Range, Source, reblock
-from dist_sae.data.images import image_files, load_image
+from dist_sae.data.images import FileList, image_files, load_image
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def image_patches(img: np.ndarray, patch: int, count: int, rng: np.random.Genera
     return windows[rows, cols].reshape(count, patch * patch)
 
 
-class FolderPatchSource(Source):
+class FolderPatchSource(FileList, Source):
     """Patches of an image folder, seeded per image (see the module docstring for the rule).
 
     Nothing is staged: a range of files is decoded, whitened and sampled by whoever builds it, so
@@ -206,7 +206,7 @@ class FolderPatchSource(Source):
             for i in range(r.start, r.stop):
                 if self.per_file[i] == 0:
                     continue
-                f = self.files[i]
+                f = Path(self.files[i])
                 rel = f.relative_to(self.folder).as_posix()
                 try:
                     img = load_image(f, "gray").astype(np.float64)
