@@ -31,16 +31,17 @@ def child(case: str, rows: int, work: Path) -> None:
     from dist_sae.data import build as prep
     from dist_sae.data.transforms import StepSpec
 
+    options = prep.WriterOptions(shard_bytes="256MB", quiet=True)
     out = work / f"{case}-{rows}"
     if case == "baseline":  # imports only: what the interpreter and libraries cost
         import h5py  # noqa: F401
         return
     if case == "synthetic":
-        prep.build_synthetic(out, rows=rows, dim=DIM, seed=0, shard_bytes="256MB", quiet=True)
+        prep.build_synthetic(out, rows, options, dim=DIM, seed=0)
     elif case == "synthetic+zca":
-        prep.build_synthetic(out, rows=rows, dim=DIM, seed=0, shard_bytes="256MB", quiet=True, preprocessing=[StepSpec("zca", 0.1)])
+        prep.build_synthetic(out, rows, options, dim=DIM, seed=0, preprocessing=[StepSpec("zca", 0.1)])
     elif case == "npy":
-        prep.build_from_npy(work / f"input-{rows}.npy", out, shard_bytes="256MB", quiet=True)
+        prep.build_from_npy(work / f"input-{rows}.npy", out, options)
     else:
         raise SystemExit(f"unknown case {case}")
 

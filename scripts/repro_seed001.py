@@ -30,7 +30,7 @@ def main() -> None:
 
     from dist_sae.api import evaluate, train
     from dist_sae.config import load_config
-    from dist_sae.data.build import build_digits
+    from dist_sae.data.build import WriterOptions, build_digits
 
     common = [
         "model.hidden=[300, 30]",
@@ -55,7 +55,7 @@ def main() -> None:
     }
     results = {}
     with tempfile.TemporaryDirectory(prefix="dist_sae_seed001_") as tmp:
-        data = build_digits(Path(tmp) / "digits28", size=28, quiet=True)
+        data = build_digits(Path(tmp) / "digits28", WriterOptions(quiet=True), size=28)
         for name, extra in variants.items():
             cfg = load_config(None, common + extra + [f"data.path={data.path}", f"run.out={Path(tmp) / name}"])
             t0 = time.perf_counter()

@@ -129,8 +129,8 @@ def build_data(data_dir: Path, digits: bool, patches: int, seed: int):
     from dist_sae.data import build as prep
 
     if digits:
-        return prep.build_digits(data_dir, overwrite=True)
-    return prep.build_patches(data_dir, patch=8, count=patches, seed=seed, whiten=True, normalize="notes", overwrite=True)
+        return prep.build_digits(data_dir, prep.WriterOptions(overwrite=True))
+    return prep.build_patches(data_dir, prep.WriterOptions(overwrite=True), patch=8, count=patches, seed=seed, whiten=True, normalize="notes")
 
 
 def run_demo(

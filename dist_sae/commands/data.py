@@ -12,8 +12,12 @@ SOURCE_HELP = """sources:
   npy        INPUT is a .npy or .npz array (rows first), memory-mapped
   idx        INPUT is an MNIST/Fashion-MNIST IDX file, gzipped or not; uint8 is scaled to [0, 1]
   images     INPUT is a folder tree of PNG/JPEG/TIFF (--mode, --size, --fit); undecodable files are skipped
-  patches    random --patch x --patch patches of whitened images (INPUT folder, or scikit-image's photographs);
-             defaults give the notes' exercise data: 10,000 8x8 patches normalised to [0.1, 0.9]
+  patches    random --patch x --patch patches of whitened images (--images DIR or INPUT, or scikit-image's
+             photographs); defaults give the notes' exercise data: 10,000 8x8 patches normalised to [0.1, 0.9].
+             From a folder, patches are seeded per image: file i gives its share of --count from seed (seed, i)
+
+--ray builds one shard per task on Ray (--workers N, --address ADDR): the same dataset, fingerprint
+included, as without --ray. Patches of the bundled photographs and digits are built in one process.
   digits     scikit-learn's 1797 8x8 digits in [0, 1] (--size 28 upsamples)
   synthetic  --rows N seeded rows of --dim features with planted sparse structure
 """
@@ -26,8 +30,10 @@ def _preprocessing_args(p: argparse.ArgumentParser, notes_default: str | None = 
     g.add_argument("--pca", type=int, nargs="?", const=0, metavar="K", help="PCA whitening, keeping K components (default all)")
     g.add_argument("--zca", action="store_true", help="ZCA whitening")
     g.add_argument("--epsilon", type=float, default=0.1, help="regulariser added to each eigenvalue for PCA/ZCA (default 0.1)")
-    g.add_argument("--ray", action="store_true", help="compute the statistics with Ray tasks (a local Ray on 127.0.0.1 unless --address)")
-    g.add_argument("--address", help="Ray cluster to join for the statistics ('auto' or HOST:PORT); implies --ray")
+    g = p.add_argument_group("cluster (the same dataset, fingerprint included, as the single-process build)")
+    g.add_argument("--ray", action="store_true", help="write the shards and compute the statistics with Ray tasks, one per shard (a private local Ray on 127.0.0.1 unless --address)")
+    g.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT; input and output on storage every node sees at the same path); implies --ray")
+    g.add_argument("--workers", type=int, help="at most this many tasks at once (default: every CPU); implies --ray")
 
 
 def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
@@ -39,7 +45,7 @@ def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
     size = g.add_mutually_exclusive_group()
     if not transform:
         size.add_argument("--shards", type=int, help="number of shards (sources with a known row count)")
-    size.add_argument("--shard-rows", type=int, help="rows per shard")
+    size.add_argument("--shard-rows", type=int, help="rows per shard (--from images: files per shard)")
     size.add_argument("--shard-size", help="bytes per shard, e.g. 256MB (the default)")
     g.add_argument("--chunk-rows", type=int, default=1024, help="HDF5 chunk height in rows")
     g.add_argument("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default none)")
@@ -50,18 +56,21 @@ def _output_args(p: argparse.ArgumentParser, transform: bool = False) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def _writer_kwargs(args) -> dict:
-    """The keywords of prep.build / prep.transform_dataset that _output_args' flags set."""
-    return {
-        "shard_rows": args.shard_rows,
-        "shard_bytes": args.shard_size,
-        "block_rows": args.block_rows,
-        "dtype": args.dtype,
-        "chunk_rows": args.chunk_rows,
-        "compression": args.compression,
-        "overwrite": args.overwrite,
-        "quiet": args.quiet,
-    }
+def _writer_options(args):
+    """The WriterOptions of build.build / build.transform_dataset that _output_args' flags set."""
+    from dist_sae.data.build import WriterOptions
+
+    return WriterOptions(
+        shard_rows=args.shard_rows,
+        shards=getattr(args, "shards", None),
+        shard_bytes=args.shard_size,
+        block_rows=args.block_rows,
+        dtype=args.dtype,
+        chunk_rows=args.chunk_rows,
+        compression=args.compression,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
 
 
 def register(sub) -> None:
@@ -77,6 +86,7 @@ def register(sub) -> None:
     g.add_argument("--size", type=int, nargs="+", metavar="N", help="images: H [W] to resize/crop to; digits: side (8 or 28)")
     g.add_argument("--fit", choices=["resize", "crop"], default="resize", help="images: resize, or centre-crop after scaling the short side")
     g.add_argument("--no-scale", action="store_true", help="idx: keep raw byte values (0..255) instead of [0, 1]")
+    g.add_argument("--images", metavar="DIR", help="patches: the image folder to sample (the same as INPUT)")
     g.add_argument("--patch", type=int, default=8, help="patches: side p of the p x p patches")
     g.add_argument("--count", type=int, default=10000, help="patches: how many")
     g.add_argument("--no-whiten", action="store_true", help="patches: do not whiten the images before sampling")
@@ -130,12 +140,26 @@ def _specs(args) -> list:
     return specs
 
 
+def _on_ray(args) -> bool:
+    return bool(args.ray or args.address or args.workers)
+
+
 def _stats(args):
-    if not (args.ray or args.address):
+    if not _on_ray(args):
         return None
     from dist_sae.cluster.stats import ray_sums_fn
 
-    return lambda dataset, block_rows: ray_sums_fn(dataset, block_rows, address=args.address)
+    return lambda dataset, block_rows: ray_sums_fn(dataset, block_rows, address=args.address, max_in_flight=args.workers or 64)
+
+
+def _runner(args):
+    if not _on_ray(args):
+        return None
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    from dist_sae.cluster.build import ray_runner
+
+    return ray_runner(address=args.address, workers=args.workers)
 
 
 def _image_size(args) -> tuple[int, int] | None:
@@ -151,7 +175,7 @@ SOURCE_ARGS = {
     "npy": lambda a: {"path": a.input},
     "idx": lambda a: {"path": a.input, "scale": not a.no_scale},
     "images": lambda a: {"folder": a.input, "mode": a.mode, "size": _image_size(a), "fit": a.fit},
-    "patches": lambda a: {"images": a.input, "patch": a.patch, "count": a.count, "seed": a.seed, "whiten": not a.no_whiten},
+    "patches": lambda a: {"images": a.images or a.input, "patch": a.patch, "count": a.count, "seed": a.seed, "whiten": not a.no_whiten},
     "digits": lambda a: {"size": a.size[0] if a.size else 8},
     "synthetic": lambda a: {"rows": int(a.rows), "dim": a.dim, "seed": a.seed, "atoms": a.atoms, "active": a.active},
 }
@@ -167,15 +191,9 @@ def cmd_build(args) -> int:
         raise DataError("--from synthetic needs --rows N")
     if kind == "patches" and args.normalize is None:
         args.normalize = "notes"
+    prep.check_out(args.out, args.overwrite)  # before any decoding
     source = prep.SOURCES[kind](**SOURCE_ARGS[kind](args))
-    ds = prep.build(
-        source,
-        args.out,
-        _specs(args),
-        shards=args.shards,
-        stats=_stats(args),
-        **_writer_kwargs(args),
-    )
+    ds = prep.build(source, args.out, _specs(args), _writer_options(args), stats=_stats(args), runner=_runner(args))
     _summary(ds)
     if source.skipped:
         print(f"skipped {len(source.skipped)} file(s) that could not be decoded: {', '.join(sorted(source.skipped)[:10])}{' ...' if len(source.skipped) > 10 else ''}")
@@ -188,13 +206,7 @@ def cmd_transform(args) -> int:
     out = args.out or args.out_pos
     if not out:
         raise DataError("give the output folder: dist-sae data transform IN OUT")
-    ds = prep.transform_dataset(
-        args.input,
-        out,
-        _specs(args),
-        stats=_stats(args),
-        **_writer_kwargs(args),
-    )
+    ds = prep.transform_dataset(args.input, out, _specs(args), _writer_options(args), stats=_stats(args), runner=_runner(args))
     _summary(ds)
     return 0
 

@@ -2,7 +2,14 @@
 
 The images are scikit-image's bundled photographs (or a folder, or arrays), each whitened as a whole
 in the frequency domain with Olshausen & Field's filter and scaled to unit variance, as the notes'
-IMAGES.mat; then `count` patches are drawn with a seeded generator (the notes' sampleIMAGES).
+IMAGES.mat; then `count` patches are drawn with a seeded generator.
+
+Two sampling rules. Bundled photographs or arrays (few images, all in memory): the notes'
+sampleIMAGES, an image uniformly at random for each patch, from one seeded stream (PatchSource).
+An image folder (any number of files): seeded per image, so that any range of files builds alone
+and a parallel build equals the single-process one (FolderPatchSource): file i of the sorted list
+gives n_i = count // N patches (one more for i < count % N), at positions uniform among the valid
+ones, drawn from numpy's default_rng([seed, i]); rows come file by file, in file order.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ import numpy as np
 
 from dist_sae.data.storage import localize
 from dist_sae.errors import DataError
-from dist_sae.data.sources import Source, reblock
-from dist_sae.data.images import list_images, load_image
+from dist_sae.data.sources import Range, Source, reblock
+from dist_sae.data.images import FileList, image_files, load_image
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +57,10 @@ def whiten_image(img: np.ndarray, f0: float = 0.4) -> np.ndarray:
     """
     img = np.asarray(img, dtype=np.float64)
     fy = np.fft.fftfreq(img.shape[0])[:, None]
-    fx = np.fft.fftfreq(img.shape[1])[None, :]
+    fx = np.fft.rfftfreq(img.shape[1])[None, :]  # a real image: half the spectrum (R is even in fx), half the FFT work
     rho = np.sqrt(fx * fx + fy * fy)
     filt = rho * np.exp(-((rho / f0) ** 4))
-    white = np.real(np.fft.ifft2(np.fft.fft2(img) * filt))
+    white = np.fft.irfft2(np.fft.rfft2(img) * filt, s=img.shape)
     std = white.std()
     return white / std if std > 0 else white
 
@@ -104,13 +111,13 @@ class PatchSampler:
 
 
 class PatchSource(Source):
-    """Patches of (optionally whitened) images; whitened images are kept in a temporary folder of
+    """Patches of (optionally whitened) photographs or arrays, the notes' rule; whitened images are kept in a temporary folder of
     .npy files and memory-mapped, so memory holds one image at a time however many there are."""
 
     name = "patches"
     dtype = "float32"
 
-    def __init__(self, images: str | Path | Sequence[np.ndarray] | None = None, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> None:
+    def __init__(self, images: Sequence[np.ndarray] | None = None, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> None:
         super().__init__()
         self.patch, self.count, self.seed, self.whiten = patch, count, seed, whiten
         self.rows, self.dim, self.sample_shape = count, patch * patch, [patch, patch]
@@ -131,14 +138,6 @@ class PatchSource(Source):
     def _iter_images(self, images) -> Iterator[tuple[str, np.ndarray]]:
         if images is None:
             yield from natural_images()
-        elif isinstance(images, (str, Path)):
-            folder = Path(localize(images))
-            for f in list_images(folder):
-                try:
-                    yield f.relative_to(folder).as_posix(), load_image(f, "gray").astype(np.float64)
-                except Exception as exc:
-                    self.skipped[f.relative_to(folder).as_posix()] = f"{type(exc).__name__}: {exc}"
-                    log.warning("skipping %s: cannot decode it (%s)", f, exc)
         else:
             for i, img in enumerate(images):
                 yield f"array{i}", np.asarray(img, dtype=np.float64)
@@ -154,3 +153,81 @@ class PatchSource(Source):
         self._tmp.cleanup()
 
 
+
+
+def image_patches(img: np.ndarray, patch: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` p×p patches of one 2-D image at positions uniform among the valid ones: (count, p·p) float64."""
+    rows = (rng.random(count) * (img.shape[0] - patch + 1)).astype(np.int64)
+    cols = (rng.random(count) * (img.shape[1] - patch + 1)).astype(np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(img, (patch, patch))
+    return windows[rows, cols].reshape(count, patch * patch)
+
+
+class FolderPatchSource(FileList, Source):
+    """Patches of an image folder, seeded per image (see the module docstring for the rule).
+
+    Nothing is staged: a range of files is decoded, whitened and sampled by whoever builds it, so
+    memory holds one image and one block of patches. A file that cannot be decoded is skipped and
+    listed; its patches are missing from the count. Ranges count files (`items`).
+    """
+
+    name = "patches"
+    dtype = "float32"
+
+    def __init__(self, folder: str | Path, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> None:
+        super().__init__()
+        if patch < 1 or count < 1:
+            raise DataError(f"patch size and count must be >= 1, got {patch} and {count}")
+        folder = localize(folder)  # an s3:// folder is downloaded into the node-local cache
+        self.folder, self.patch, self.count, self.seed, self.whiten = Path(folder), patch, count, seed, whiten
+        self.files = image_files(folder)
+        n = len(self.files)
+        self.per_file = np.full(n, count // n, dtype=np.int64)
+        self.per_file[: count % n] += 1
+        self.dim, self.sample_shape = patch * patch, [patch, patch]
+        self.rows = None  # count, less the share of files that cannot be decoded
+        if whiten:
+            self.preprocessing.append({"kind": "whiten_images", "filter": "f*exp(-(f/f0)^4)", "f0": 0.4, "then": "unit variance per image", "saved": False})
+
+    @property
+    def items(self) -> int:
+        return len(self.files)
+
+    @property
+    def planned_rows(self) -> int:
+        return self.count
+
+    def items_per_shard(self, rows: int) -> int:
+        return max(1, rows // max(1, int(self.per_file[0])))
+
+    def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        yield from self.range_blocks(Range(0, 0, len(self.files)), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
+        def per_image():
+            for i in range(r.start, r.stop):
+                if self.per_file[i] == 0:
+                    continue
+                f = Path(self.files[i])
+                rel = f.relative_to(self.folder).as_posix()
+                try:
+                    img = load_image(f, "gray").astype(np.float64)
+                except Exception as exc:  # Pillow's decode errors: skip the file, as the image-folder source does
+                    self.skipped[rel] = f"{type(exc).__name__}: {exc}"
+                    log.warning("skipping %s: cannot decode it (%s)", f, exc)
+                    continue
+                if min(img.shape) < self.patch:
+                    raise DataError(f"{f} is {img.shape[1]}x{img.shape[0]}, smaller than the {self.patch}x{self.patch} patches")
+                yield image_patches(whiten_image(img) if self.whiten else img, self.patch, int(self.per_file[i]), np.random.default_rng([self.seed, i]))
+
+        yield from reblock(per_image(), block_rows)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "patches", "path": str(self.folder), "files": len(self.files), "patch": self.patch, "count": self.count, "seed": self.seed, "whitened": self.whiten, "sampling": "per image", "skipped": len(self.skipped)}
+
+
+def patch_source(images: str | Path | Sequence[np.ndarray] | None = None, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> Source:
+    """The patch source for `images`: per-image sampling for a folder, the notes' rule for photographs or arrays."""
+    if isinstance(images, (str, Path)):
+        return FolderPatchSource(images, patch, count, seed, whiten)
+    return PatchSource(images, patch, count, seed, whiten)

@@ -13,6 +13,7 @@ import gzip
 import logging
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,27 @@ from dist_sae.errors import DataError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Range:
+    """Shard `shard` of a build: input items [start, stop) (rows, or files of a folder).
+
+    A build is cut into ranges by the input alone (`Source.ranges`), never by the number of
+    workers, so the shards, and the fingerprint over their row hashes, are the same however many
+    processes write them.
+    """
+
+    shard: int
+    start: int
+    stop: int
+
+
 class Source:
-    """Base: subclasses set name, dim, sample_shape, rows (or None), dtype, and implement blocks()."""
+    """Base: subclasses set name, dim, sample_shape, rows (or None), dtype, and implement blocks().
+
+    A source that can be cut (npy, idx, images, image-folder patches, synthetic, datasets) also
+    has `items` (rows, or files) and `range_blocks(r, block_rows)`, the blocks of one Range alone;
+    `ranges` cuts it into shards of `per_shard` items. Parallel builds write one shard per range.
+    """
 
     name: str = "source"
     dim: int
@@ -38,6 +58,31 @@ class Source:
         self.skipped: dict[str, str] = {}  # file -> reason, filled while streaming
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def items(self) -> int | None:
+        """What ranges count (rows here; files for folders); None when the source cannot be cut."""
+        return self.rows if type(self).range_blocks is not Source.range_blocks else None
+
+    @property
+    def planned_rows(self) -> int | None:
+        """The rows a build expects (before skips), for shard sizes and progress bars."""
+        return self.rows
+
+    def items_per_shard(self, rows: int) -> int:
+        """Items (rows here) in a shard of about `rows` rows."""
+        return rows
+
+    def ranges(self, per_shard: int) -> list[Range] | None:
+        """Consecutive ranges of `per_shard` items, one per shard; None when the source cannot be cut."""
+        n = self.items
+        if n is None:
+            return None
+        return [Range(k, start, min(start + per_shard, n)) for k, start in enumerate(range(0, n, per_shard))]
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
+        """The rows of range r alone, in blocks of at most block_rows (the same rows `blocks` gives there)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -104,15 +149,25 @@ class NpySource(Source):
         self.sample_shape = list(sample_shape or x.shape[1:])
         self.dtype = str(x.dtype) if x.dtype.kind == "f" else "float32"
 
+    def __getstate__(self) -> dict[str, Any]:  # a memory map pickles as a copy: a worker maps the file again
+        return {k: v for k, v in self.__dict__.items() if k != "array"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.array = open_npy(self.path)
+
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        yield from self.range_blocks(Range(0, 0, self.rows), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
         x = self.array
         if isinstance(x, np.memmap) and x.flags.c_contiguous:
             # Plain reads, not the mapping: touched pages of a mapping count in the process's RSS
             # until the kernel reclaims them, so a mapped pass over 100 GB looks like 100 GB resident.
             row_bytes = self.dim * x.dtype.itemsize
             with open(x.filename, "rb") as fh:
-                for start in range(0, self.rows, block_rows):
-                    take = min(block_rows, self.rows - start)
+                for start in range(r.start, r.stop, block_rows):
+                    take = min(block_rows, r.stop - start)
                     fh.seek(x.offset + start * row_bytes)
                     block = np.fromfile(fh, dtype=x.dtype, count=take * self.dim)
                     if block.size != take * self.dim:
@@ -120,8 +175,8 @@ class NpySource(Source):
                     yield block.reshape(take, self.dim)
             return
         flat = x.reshape(self.rows, self.dim)
-        for start in range(0, self.rows, block_rows):
-            yield np.asarray(flat[start : start + block_rows])
+        for start in range(r.start, r.stop, block_rows):
+            yield np.asarray(flat[start : min(start + block_rows, r.stop)])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "npy", "path": str(self.path), "shape": list(self.array.shape), "dtype": str(self.array.dtype)}
@@ -179,12 +234,15 @@ class IdxSource(Source):
         self.dtype = "float64" if self.file_dtype == np.dtype(">f8") else "float32"
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        yield from self.range_blocks(Range(0, 0, self.rows), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
         row_bytes = self.dim * self.file_dtype.itemsize
         with _open_maybe_gzip(self.path) as fh:
-            fh.read(self.header)
-            done = 0
-            while done < self.rows:
-                take = min(block_rows, self.rows - done)
+            fh.seek(self.header + r.start * row_bytes)  # a gzip file decompresses up to here
+            done = r.start
+            while done < r.stop:
+                take = min(block_rows, r.stop - done)
                 try:
                     buf = fh.read(take * row_bytes)
                 except (OSError, EOFError) as exc:
@@ -305,7 +363,11 @@ class SyntheticSource(Source):
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
-        gen = (self.generate(i) for i in range(-(-self.rows // self.GEN_BLOCK)))
+        yield from self.range_blocks(Range(0, 0, self.rows), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
+        first, last = r.start // self.GEN_BLOCK, -(-r.stop // self.GEN_BLOCK)
+        gen = (self.generate(i)[max(r.start - i * self.GEN_BLOCK, 0) : r.stop - i * self.GEN_BLOCK] for i in range(first, last))
         yield from reblock(gen, block_rows)
 
     def describe(self) -> dict[str, Any]:

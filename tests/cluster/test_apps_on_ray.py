@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 def sharded(tmp_path):
     x = correlated()
     np.save(tmp_path / "x.npy", x)
-    return x, prep.build_from_npy(tmp_path / "x.npy", tmp_path / "raw", shard_rows=700)  # 5 shards
+    return x, prep.build_from_npy(tmp_path / "x.npy", tmp_path / "raw", options=prep.WriterOptions(shard_rows=700))  # 5 shards
 
 
 def test_tiny_demo_and_encode_through_ray(tmp_path, ray_session):
@@ -44,11 +44,11 @@ def test_ray_statistics_equal_local_bit_for_bit(sharded, tmp_path, ray_session):
     from dist_sae.cluster.stats import ray_sums_fn
 
     x, ds = sharded
-    local = prep.transform_dataset(ds.path, tmp_path / "local", [StepSpec("standardize"), StepSpec("zca", 0.1)], block_rows=256)
-    remote = prep.transform_dataset(ds.path, tmp_path / "ray", [StepSpec("standardize"), StepSpec("zca", 0.1)], block_rows=256, stats=ray_sums_fn)
+    local = prep.transform_dataset(ds.path, tmp_path / "local", [StepSpec("standardize"), StepSpec("zca", 0.1)], prep.WriterOptions(block_rows=256))
+    remote = prep.transform_dataset(ds.path, tmp_path / "ray", [StepSpec("standardize"), StepSpec("zca", 0.1)], prep.WriterOptions(block_rows=256), stats=ray_sums_fn)
     np.testing.assert_array_equal(read_all(local.path), read_all(remote.path))
     assert local.fingerprint == remote.fingerprint
     # a build with --ray stages the raw rows, runs the passes on Ray, and leaves no staging folder
-    built = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "built", shard_rows=700, preprocessing=[StepSpec("zca", 0.0)], stats=ray_sums_fn)
+    built = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "built", preprocessing=[StepSpec("zca", 0.0)], stats=ray_sums_fn, options=prep.WriterOptions(shard_rows=700))
     np.testing.assert_allclose(read_all(built.path), numpy_zca(x, 0.0), atol=1e-10)
     assert not (tmp_path / "built.staging").exists()

@@ -19,7 +19,7 @@ SHARD_ROWS, DIM = 200, 16
 @pytest.fixture
 def dataset(tmp_path):
     """4 shards of 200 rows, chunked by 25 rows."""
-    return prep.build_synthetic(tmp_path / "ds", rows=4 * SHARD_ROWS, dim=DIM, seed=0, shard_rows=SHARD_ROWS, chunk_rows=25)
+    return prep.build_synthetic(tmp_path / "ds", rows=4 * SHARD_ROWS, dim=DIM, seed=0, options=prep.WriterOptions(shard_rows=SHARD_ROWS, chunk_rows=25))
 
 
 def shard(ds, i):
@@ -69,7 +69,7 @@ def test_bytes_overwritten_in_the_middle(dataset):
 
 
 def test_corrupt_compressed_chunk_names_rows(tmp_path):
-    ds = prep.build_synthetic(tmp_path / "gz", rows=400, dim=DIM, shard_rows=200, chunk_rows=50, compression="gzip")
+    ds = prep.build_synthetic(tmp_path / "gz", rows=400, dim=DIM, options=prep.WriterOptions(shard_rows=200, chunk_rows=50, compression="gzip"))
     f = shard(ds, 1)
     with h5py.File(f, "r") as h:
         info = h["x"].id.get_chunk_info(2)  # rows 100:150
@@ -144,7 +144,7 @@ def test_not_a_dataset_and_missing_transform(tmp_path):
 
 
 def test_info_and_png_grid(tmp_path, capsys):
-    ds = prep.build_digits(tmp_path / "d", shard_rows=600)
+    ds = prep.build_digits(tmp_path / "d", options=prep.WriterOptions(shard_rows=600))
     info = dataset_info(ds.path)
     assert (info["rows"], info["dim"], info["shards"], info["sample_shape"]) == (1797, 64, 3, [8, 8])
     assert info["bytes_on_disk"] > 1797 * 64 * 4

@@ -11,7 +11,7 @@ from dist_sae.data.dataset import MANIFEST, Dataset
 from dist_sae.data.reader import BlockReader, prefetch
 from dist_sae.data.writer import DatasetWriter, write_array
 from dist_sae.errors import DataError
-from dist_sae.data.build import build_from_npy
+from dist_sae.data.build import WriterOptions, build_from_npy
 
 from util import random_rows
 
@@ -86,7 +86,7 @@ def test_open_names_missing_folder_manifest_and_shard(tmp_path):
 def test_build_from_npy_memory_maps_and_keeps_shape(tmp_path):
     x = np.random.default_rng(0).random((90, 4, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    ds = build_from_npy(tmp_path / "x.npy", tmp_path / "d", shards=4, block_rows=16)
+    ds = build_from_npy(tmp_path / "x.npy", tmp_path / "d", options=WriterOptions(shards=4, block_rows=16))
     assert ds.sample_shape == [4, 4] and ds.dim == 16 and len(ds.shards) == 4
     with BlockReader(ds) as reader:
         got = np.concatenate([reader.read(u) for u in ds.units(1000)])

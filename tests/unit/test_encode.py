@@ -94,8 +94,8 @@ def test_raw_data_gets_the_training_transform_and_reconstructions_keep_it(tmp_pa
     from dist_sae.data import build as prep
     from dist_sae.data.transforms import load_transform
 
-    trained_on = prep.build_patches(tmp_path / "notes", count=300, seed=5, quiet=True)  # normalised, transform saved
-    raw = prep.build_patches(tmp_path / "raw", count=300, seed=5, normalize=None, quiet=True)  # same patches, no transform
+    trained_on = prep.build_patches(tmp_path / "notes", count=300, seed=5, options=prep.WriterOptions(quiet=True))  # normalised, transform saved
+    raw = prep.build_patches(tmp_path / "raw", count=300, seed=5, normalize=None, options=prep.WriterOptions(quiet=True))  # same patches, no transform
     cfg = config(trained_on.path, model__hidden=[5], optim__steps=4, run__out=str(tmp_path / "run"))
     train(cfg)
     transform = load_transform(trained_on.path)

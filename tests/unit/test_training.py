@@ -167,13 +167,13 @@ def test_dimension_mismatch_between_model_and_data(tmp_path):
 
 def test_evaluate_applies_the_training_datas_saved_preprocessing_to_raw_data(tmp_path):
     from dist_sae.api import evaluate
-    from dist_sae.data.build import build_from_npy
+    from dist_sae.data.build import WriterOptions, build_from_npy
     from dist_sae.data.transforms import StepSpec
 
     x = random_rows(120, 5, seed=4) * np.array([1, 10, 100, 0.1, 3])  # features on very different scales
     np.save(tmp_path / "x.npy", x)
-    build_from_npy(tmp_path / "x.npy", tmp_path / "raw", shards=2)
-    build_from_npy(tmp_path / "x.npy", tmp_path / "std", shards=3, preprocessing=[StepSpec("standardize")])
+    build_from_npy(tmp_path / "x.npy", tmp_path / "raw", options=WriterOptions(shards=2))
+    build_from_npy(tmp_path / "x.npy", tmp_path / "std", preprocessing=[StepSpec("standardize")], options=WriterOptions(shards=3))
     cfg = config(tmp_path / "std", run__out=str(tmp_path / "run"), model__hidden=[3], model__output="linear", optim__steps=3)
     train(cfg)
     on_std, _ = evaluate(tmp_path / "run", tmp_path / "std", ["workers.engine=local"])

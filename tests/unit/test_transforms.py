@@ -19,7 +19,7 @@ from util import correlated, numpy_zca, read_all
 def sharded(tmp_path):
     x = correlated()
     np.save(tmp_path / "x.npy", x)
-    ds = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "raw", shard_rows=700)  # 5 shards
+    ds = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "raw", options=prep.WriterOptions(shard_rows=700))  # 5 shards
     assert len(ds.shards) >= 3 and ds.dtype == "float64"
     return x, ds
 
@@ -27,7 +27,7 @@ def sharded(tmp_path):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_out_of_core_zca_equals_numpy(sharded, tmp_path, eps):
     x, ds = sharded
-    out = prep.transform_dataset(ds.path, tmp_path / "zca", [StepSpec("zca", eps)], block_rows=333)
+    out = prep.transform_dataset(ds.path, tmp_path / "zca", [StepSpec("zca", eps)], options=prep.WriterOptions(block_rows=333))
     y = read_all(out.path)
     np.testing.assert_allclose(y, numpy_zca(x, eps), rtol=0, atol=1e-10)
     if eps == 0:
@@ -40,12 +40,12 @@ def test_out_of_core_zca_equals_numpy(sharded, tmp_path, eps):
 
 def test_whitened_patches_have_identity_covariance(tmp_path):
     """Patches of whitened images, ZCA-whitened on build over 4 shards: covariance ≈ I (ε tiny)."""
-    ds = prep.build_patches(tmp_path / "p", count=4000, normalize=None, preprocessing=[StepSpec("zca", 1e-9)], dtype="float64", shard_rows=1000)
+    ds = prep.build_patches(tmp_path / "p", count=4000, normalize=None, preprocessing=[StepSpec("zca", 1e-9)], options=prep.WriterOptions(dtype="float64", shard_rows=1000))
     y = read_all(ds.path)
     assert len(ds.shards) == 4
     np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(64), atol=1e-6)
     assert [p["kind"] for p in ds.preprocessing] == ["whiten_images", "zca"]
-    notes = prep.build_patches(tmp_path / "n", count=4000, preprocessing=[StepSpec("zca", 1e-9)], dtype="float64")
+    notes = prep.build_patches(tmp_path / "n", count=4000, preprocessing=[StepSpec("zca", 1e-9)], options=prep.WriterOptions(dtype="float64"))
     np.testing.assert_allclose(np.cov(read_all(notes.path).T, bias=True), np.eye(64), atol=1e-5)
 
 
@@ -82,8 +82,8 @@ def test_statistics_do_not_depend_on_blocking(sharded):
 
 def test_transform_composes_with_the_input_transform(tmp_path):
     """transform IN OUT keeps IN's saved steps first, so the saved transform still maps raw rows."""
-    raw = prep.build_patches(tmp_path / "raw", count=2000, normalize=None, dtype="float64")
-    notes = prep.build_patches(tmp_path / "notes", count=2000, dtype="float64")
+    raw = prep.build_patches(tmp_path / "raw", count=2000, normalize=None, options=prep.WriterOptions(dtype="float64"))
+    notes = prep.build_patches(tmp_path / "notes", count=2000, options=prep.WriterOptions(dtype="float64"))
     zca = prep.transform_dataset(notes.path, tmp_path / "zca", [StepSpec("zca", 0.1)])
     t = load_transform(zca.path)
     assert [s.spec.kind for s in t.steps] == ["notes", "zca"]
