@@ -11,6 +11,7 @@ process (the single-process build); dist_sae.cluster.build runs `range_steps` as
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -92,7 +93,7 @@ def range_steps(job: RangeJob, r: Range) -> Iterator[int | RangeResult]:
     os.replace(written.shard_path(0), final)
     shutil.rmtree(scratch, ignore_errors=True)
     info = written.shards[0]
-    yield RangeResult(ShardInfo(final.name, info.rows, info.sha256), dict(source.skipped))
+    yield RangeResult(dataclasses.replace(info, file=final.name), dict(source.skipped))  # same bytes, final name
 
 
 def write_range(job: RangeJob, r: Range, progress: Callable[[int], object] | None = None) -> RangeResult:

@@ -259,7 +259,7 @@ def test_readme_python_block_runs(sandbox, monkeypatch):
     if not (sandbox / "patches").is_dir():
         from dist_sae.data import build as prep
 
-        prep.build_patches(sandbox / "patches", count=600, quiet=True)
+        prep.build_patches(sandbox / "patches", count=600)
     (sandbox / "my.yaml").write_text("model: {hidden: [8]}\noptim: {steps: 3}\nworkers: {engine: local}\nrun: {report: false}\n")
     code = block.replace('"run.out=run"', '"run.out=run_py"').replace('dist_sae.load("run")', 'dist_sae.load("run_py")')
     scope = {"x": np.random.default_rng(0).random((5, 64))}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dist_sae.api import train
-from dist_sae.data.build import build_synthetic
+from dist_sae.data.build import build_synthetic, WriterOptions
 from dist_sae.errors import TrainingError
 
 from util import config
@@ -26,9 +26,9 @@ def s3_ray(local_s3, ray_session):
 def datasets(s3_ray, tmp_path_factory):
     server, _ = s3_ray
     url = "s3://dsae-ray/synth"
-    build_synthetic(url, rows=8000, dim=12, shard_rows=2000, chunk_rows=250)
+    build_synthetic(url, rows=8000, dim=12, options=WriterOptions(shard_rows=2000, chunk_rows=250))
     local = tmp_path_factory.mktemp("local") / "synth"
-    build_synthetic(local, rows=8000, dim=12, shard_rows=2000, chunk_rows=250)
+    build_synthetic(local, rows=8000, dim=12, options=WriterOptions(shard_rows=2000, chunk_rows=250))
     return url, local
 
 
@@ -59,7 +59,7 @@ def test_ray_training_on_s3_equals_the_local_copy_bit_for_bit(s3_ray, datasets, 
 def test_a_shard_gone_from_the_store_fails_units_like_a_worker_fault(s3_ray, tmp_path):
     server, _ = s3_ray
     url = "s3://dsae-ray/gone"
-    build_synthetic(url, rows=4000, dim=8, shard_rows=2000)
+    build_synthetic(url, rows=4000, dim=8, options=WriterOptions(shard_rows=2000))
     s3 = server.client()  # the object changes under the run: same size (the listing check passes), other bytes
     body = bytearray(s3.get_object(Bucket="dsae-ray", Key="gone/shard-00001.h5")["Body"].read())
     body[len(body) // 2] ^= 0xFF

@@ -17,7 +17,7 @@ import pytest
 from dist_sae.api import train
 from dist_sae.commands.main import main
 from dist_sae.data import storage
-from dist_sae.data.build import build_synthetic
+from dist_sae.data.build import build_synthetic, WriterOptions
 from dist_sae.data.dataset import Dataset, WorkUnit
 from dist_sae.data.reader import BlockReader
 from dist_sae.errors import DataError, StorageError
@@ -39,9 +39,9 @@ def bucket(local_s3):
 def remote(bucket, tmp_path_factory):
     """The same synthetic dataset built to s3:// and to a local folder."""
     url = bucket + "/synth"
-    build_synthetic(url, rows=ROWS, dim=DIM, shard_rows=SHARD_ROWS, chunk_rows=500)
+    build_synthetic(url, rows=ROWS, dim=DIM, options=WriterOptions(shard_rows=SHARD_ROWS, chunk_rows=500))
     local = tmp_path_factory.mktemp("local") / "synth"
-    build_synthetic(local, rows=ROWS, dim=DIM, shard_rows=SHARD_ROWS, chunk_rows=500)
+    build_synthetic(local, rows=ROWS, dim=DIM, options=WriterOptions(shard_rows=SHARD_ROWS, chunk_rows=500))
     return url, local
 
 
@@ -115,7 +115,7 @@ def test_the_cache_evicts_the_least_recently_used_shard(remote, tmp_path):
 
 def test_a_shard_that_stays_unreadable_raises_a_storage_error_naming_it(local_s3, bucket, tmp_path):
     url = bucket + "/vanishing"
-    build_synthetic(url, rows=4000, dim=8, shard_rows=2000)
+    build_synthetic(url, rows=4000, dim=8, options=WriterOptions(shard_rows=2000))
     ds = Dataset.open(url, cache=storage.ShardCache(tmp_path / "c"))
     s3 = local_s3.client()
     s3.put_object(Bucket="dsae-test", Key="vanishing/shard-00000.h5", Body=b"not the shard")  # changed under us
@@ -204,9 +204,9 @@ def test_a_saved_transform_travels_with_an_s3_dataset(bucket, tmp_path):
     from dist_sae.data.transforms import StepSpec, load_transform
 
     url = bucket + "/standardized"
-    build_synthetic(url, rows=3000, dim=8, shard_rows=1000, preprocessing=[StepSpec("standardize")])
+    build_synthetic(url, rows=3000, dim=8, preprocessing=[StepSpec("standardize")], options=WriterOptions(shard_rows=1000))
     assert "transform.safetensors" in storage.listing(url)
     transform = load_transform(url)  # read from the mirror Dataset.open keeps of the prefix
-    local = build_synthetic(tmp_path / "std", rows=3000, dim=8, shard_rows=1000, preprocessing=[StepSpec("standardize")])
+    local = build_synthetic(tmp_path / "std", rows=3000, dim=8, preprocessing=[StepSpec("standardize")], options=WriterOptions(shard_rows=1000))
     x = np.random.default_rng(1).uniform(size=(5, 8))
     assert np.array_equal(transform.apply(x, dtype=np.float64), load_transform(local.path).apply(x, dtype=np.float64))
