@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,8 @@ from dist_sae.errors import TrainingError
 from dist_sae.sae.sums import OrderedReducer, Sums
 from dist_sae.cluster import runtime
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
+
+ABANDON_POLL_S = 0.1  # longest wait between two looks at RayEvaluator.abandon
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class RayEvaluator:
         self._passes = 0
         self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close(), as LocalEvaluator
         self._affinity: dict[int, int] = {}  # unit id -> worker that ran it last (holds it in its cache)
+        self.notes: list[str] = []  # one line per worker failure handled, for the driver to print
+        self.abandon = threading.Event()  # set (from another thread): the pass in flight stops at once
 
     # ---- θ in the object store -----------------------------------------------------------
 
@@ -124,6 +129,8 @@ class RayEvaluator:
                     "workers failed and cannot be replaced"
                 )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(dispatcher))
+            if self.abandon.is_set():
+                raise TrainingError("the pass was abandoned: the run is stopping")
             for ref in ready:
                 if ref in self._probes:
                     self._probe_done(ref, dispatcher)
@@ -157,7 +164,8 @@ class RayEvaluator:
         if self._stalled_since is not None:
             deadlines.append(self._stalled_since + self.timeout_s)
         deadlines = [d for d in deadlines if d is not None]
-        return max(0.01, min(deadlines) - time.monotonic()) if deadlines else None
+        # At most ABANDON_POLL_S, so that an abandon request (SIGTERM on the driver) is seen at once.
+        return min(ABANDON_POLL_S, max(0.01, min(deadlines) - time.monotonic())) if deadlines else ABANDON_POLL_S
 
     def _check_stalled(self, dispatcher: Dispatcher, now: float) -> None:
         """Give up when no worker has been alive for unit_timeout_s (replacements cannot be placed)."""
@@ -191,8 +199,10 @@ class RayEvaluator:
         decision = self.policy.decide(status, self.failures)
         if decision.action is Action.GIVE_UP:
             raise TrainingError(f"worker {status.index} failed: {why}; {decision.reason}")
-        log.warning("worker %d failed: %s; its unfinished units %s go to the other workers; %s",
-                    status.index, why, requeued, decision.reason)
+        note = f"worker {status.index} failed: {why}; its unfinished units {requeued} go to the other workers; {decision.reason}; "
+        note += f"{self.policy.max_restarts - self.failures} restarts left"
+        self.notes.append(note)
+        log.warning("%s", note)
 
     def _restart(self, worker: int, new_actor: bool = False) -> None:
         """Wait (asynchronously) for the worker to come back: Ray's restart, or a new actor."""

@@ -31,6 +31,7 @@ from dist_sae.cluster.server import ParameterServer
 log = logging.getLogger(__name__)
 
 SERVER_NAME = f"{runtime.ACTOR_PREFIX}.ParameterServer"
+CONTROL = "control"  # the server's concurrency group for calls made while a step runs (abandon)
 
 
 def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
@@ -70,8 +71,46 @@ class RemoteStepper:
         self.converged = bool(runtime.get(server.converged.remote(), "starting the parameter server"))
 
     def step(self) -> dict[str, Any]:
-        metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
+        ref = self._server.step.remote()
+        try:
+            metrics, self.converged, notes = runtime.get(ref, "a training step")
+        except KeyboardInterrupt:  # Ctrl-C twice or SIGTERM: the server abandons the step and rolls it back
+            if not self._abandon(ref):
+                raise
+            # The step had finished already: hand it over (the loop stops after it, with a checkpoint).
+            metrics, self.converged, notes = runtime.get(ref, "a training step")
+        except BaseException:
+            self._print_notes(self._take_notes())
+            raise
+        self._print_notes(notes)
         return metrics
+
+    def _abandon(self, ref: Any, timeout_s: float = 2.0) -> bool:
+        """Have the server drop the step in flight; wait (briefly) until it has rolled back.
+
+        Returns:
+            True when the step had completed after all (its result is in `ref`).
+        """
+        try:
+            self._server.abandon.options(concurrency_group=CONTROL).remote()
+            ready, _ = ray.wait([ref], timeout=timeout_s)
+            if ready:
+                ray.get(ref)
+                return True
+        except Exception as exc:  # abandoned (rolled back), or Ray is going away
+            log.debug("abandoning the step: %s", exc)
+        return False
+
+    def _take_notes(self) -> list[str]:
+        try:
+            return ray.get(self._server.take_notes.options(concurrency_group=CONTROL).remote(), timeout=5)
+        except Exception:
+            return []
+
+    @staticmethod
+    def _print_notes(notes: list[str]) -> None:
+        for note in notes:  # the server's log stays in Ray's session logs; the user sees this line
+            log.warning("%s", note)
 
     def state_dict(self) -> dict[str, Any]:
         return runtime.get(self._server.state_dict.remote(), "reading the trainer state")
@@ -138,7 +177,8 @@ class ClusterSession:
             self.server = None
             _wait_until_unnamed(SERVER_NAME, self.namespace)
         self.server = (
-            ray.remote(ParameterServer)
+            # abandon() runs in its own concurrency group, beside step(); other calls run one at a time.
+            ray.remote(concurrency_groups={CONTROL: 1})(ParameterServer)
             .options(
                 name=SERVER_NAME,
                 namespace=self.namespace,
@@ -149,11 +189,13 @@ class ClusterSession:
         )
         return RemoteStepper(self.server)
 
-    def close(self) -> None:
+    def close(self, fast: bool = False) -> None:
         """Kill the actors this session made; shut Ray down only if this session started it.
 
         A session that joined a running cluster disconnects from it; one that found this process
-        already connected leaves the connection alone.
+        already connected leaves the connection alone. `fast` (after SIGTERM, the process is about
+        to exit within a grace period): a local Ray this session started is told to stop, not
+        waited for (runtime.stop_local(wait=False)).
         """
         actors = ([self.server] if self.server is not None else []) + list(self.workers)
         actors += _named_actors(getattr(self, "namespace", None))  # replacements started by the server
@@ -165,7 +207,7 @@ class ClusterSession:
         self.server = None
         self.workers[:] = []
         if self._ray in ("started", "joined"):
-            runtime.stop_local()
+            runtime.stop_local(wait=not fast)
             self._ray = "closed"
 
 

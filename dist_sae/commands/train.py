@@ -86,6 +86,10 @@ def cmd_train(args) -> int:
     else:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
     result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
+    if result.finished:
+        print(f"{result.run_dir} is finished at step {result.steps} ({result.finished}); nothing was changed. "
+              f"To train further, raise optim.steps: `dist-sae train --resume {result.run_dir} optim.steps=N` with N > {result.steps}")
+        return 0
     final = result.final
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: J={final.get('J', float('nan')):.6g}")
     print(f"model: {result.run_dir / MODEL_FILE}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from dist_sae.errors import DataError
 
@@ -29,6 +30,7 @@ PASS_MIN_UNITS = 4
 MIN_UNIT_ROWS = 4096
 FORMAT = "dist_sae.dataset/1"
 DATASET_KEY = "x"
+SAMPLE_ROWS = 64  # rows at each end of a shard that Dataset.open checks for NaN/Inf
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,10 @@ class Dataset:
                     raise DataError(f"shard {file} has no dataset {DATASET_KEY!r} (has {list(f.keys())})")
                 x = f[DATASET_KEY]
                 shape, dtype = x.shape, x.dtype
+                # The rows this check reads anyway (the first and the last chunk's worth, a few KB):
+                # NaN/Inf there is found before the run starts; `dist-sae data check` reads every row.
+                edge = min(SAMPLE_ROWS, shape[0]) if len(shape) == 2 else 0
+                sample = [(0, x[:edge]), (shape[0] - edge, x[shape[0] - edge:])] if edge else []
         except DataError:
             raise
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError for corrupt files
@@ -128,6 +134,11 @@ class Dataset:
             raise DataError(f"shard {file}: {DATASET_KEY} has {shape[0]} rows, {MANIFEST} says {info.rows}")
         if str(dtype) != self.dtype:
             raise DataError(f"shard {file}: dtype {dtype}, {MANIFEST} says {self.dtype}")
+        for first, rows in sample:
+            if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+                bad = first + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                raise DataError(f"shard {file}: non-finite values (NaN/Inf) in row {bad}; the shard is corrupt or the data "
+                                "needs cleaning (`dist-sae data check` lists every bad row)")
 
     def chunk_rows(self) -> int:
         """Rows per HDF5 chunk of the first shard (1 when not chunked)."""

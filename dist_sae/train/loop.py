@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from dist_sae.train.checkpoint import list_checkpoints, save_checkpoint
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset
-from dist_sae.errors import CheckpointError, DistSaeError, Interrupted
+from dist_sae.errors import CheckpointError, DistSaeError, Interrupted, Terminated
 from dist_sae.sae.model import SparseAutoencoder, save_model
 from dist_sae.train.rundir import METRICS_FILE, SUMMARY_FILE
 from dist_sae import progress
@@ -49,23 +50,28 @@ class TrainResult:
     final: dict[str, Any]  # the last metrics line
     seconds: float
     theta: np.ndarray
+    finished: str = ""  # why a resume found the run already finished (it then changed nothing)
 
 
 class _StopRequest:
     """Ctrl-C (SIGINT) while training: finish the current step, checkpoint, then stop (a clean stop).
 
     A second Ctrl-C stops at once; the stepper rolls its unfinished step back, so the last
-    completed step is still checkpointed. Only the main thread can take signals: elsewhere (a
-    notebook's worker thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
+    completed step is still checkpointed. SIGTERM (`ray job stop`, Kubernetes, spot preemption:
+    SIGKILL follows after a grace period) stops at once like that second Ctrl-C, without waiting
+    for the step in flight. Only the main thread can take signals: elsewhere (a notebook's worker
+    thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.terminated = False  # SIGTERM came: stop after the step in flight, or at once if it is abandoned
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -74,21 +80,30 @@ class _StopRequest:
         self.requested = True
         log.warning("stopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
 
+    def _terminate(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one roll-back and checkpoint, not two
+        self.terminated = True
+        raise Terminated("SIGTERM")
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
-def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None) -> TrainResult:
+def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None,
+          first_step: Callable[[], Any] | None = None) -> TrainResult:
     """Step to optim.steps, writing metrics, checkpoints, the model and a summary.
 
     Checkpoints every run.checkpoint_every steps, at the end, and when the run stops early: on a
-    failed step (the stepper rolled it back, so the last completed step is saved) and on Ctrl-C.
+    failed step (the stepper rolled it back, so the last completed step is saved), on Ctrl-C and
+    on SIGTERM. Nothing is written before the first step has succeeded; `first_step()` is called
+    then (a resume rewrites config.json and trims metrics.jsonl there) and may return a
+    TensorBoard writer to use from then on.
 
     Raises:
         DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
-        errors.Interrupted: on Ctrl-C, after the checkpoint.
+        errors.Interrupted: on Ctrl-C, after the checkpoint; errors.Terminated on SIGTERM.
     """
     info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": str(dataset.path)}
     state = stepper.state_dict()
@@ -100,14 +115,16 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
     saved: dict[str, Any] = {"step": start if existing else None, "path": existing[0] if existing else None}
 
     def save(state: dict[str, Any] | None = None) -> None:
+        t = time.perf_counter()
         state = stepper.state_dict() if state is None else state
         saved["path"] = save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
         saved["step"] = int(state["meta"]["step"])
+        log.info("checkpoint %s written in %.2fs", saved["path"], time.perf_counter() - t)
 
     def kept() -> str:
         if saved["path"] is None:
             return "no checkpoint was written yet"
-        return f"the last good checkpoint {saved['path']} (step {saved['step']}) is kept"
+        return f"the newest checkpoint {saved['path']} (step {saved['step']}) is kept"
 
     def hint() -> str:
         if saved["path"] is None:
@@ -122,34 +139,48 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             if done > start and done != saved["step"]:
                 save(state)
                 return f"the last completed step {done} is checkpointed in {saved['path']}"
-        except DistSaeError as exc:  # e.g. the disk is full, or the parameter server is gone
+        except CheckpointError:  # the disk is full: that message says what is kept
+            raise
+        except DistSaeError as exc:  # e.g. the parameter server is gone
             log.warning("no checkpoint after the failure: %s", exc)
         return kept()
 
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
+    metrics = None
+    step = start
     try:
-        with open(run_dir / METRICS_FILE, "a") as metrics, progress.bar(total, "train", unit="step", quiet=cfg.run.quiet, initial=start) as bar, _StopRequest() as stop:
-            step = start
+        with progress.bar(total, "train", unit="step", quiet=cfg.run.quiet, initial=start) as bar, _StopRequest() as stop:
             while step < total and not stepper.converged:
                 try:
                     last = stepper.step()
+                    step = last["step"]
+                    if metrics is None:  # the first step succeeded: only now does the run dir change
+                        tensorboard = (first_step() if first_step is not None else None) or tensorboard
+                        metrics = open(run_dir / METRICS_FILE, "a")
+                    if step % cfg.run.log_every == 0 or step == total:
+                        metrics.write(json.dumps(_jsonable(last)) + "\n")
+                        metrics.flush()
+                        if tensorboard is not None:
+                            for key, value in last.items():
+                                if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
+                                    tensorboard.add_scalar(key, float(value), step)
+                    bar.update(1)
+                    bar.set_postfix(J=f"{last['J']:.6g}")
+                    if every and step % every == 0:
+                        save()
+                except CheckpointError:
+                    raise
                 except DistSaeError as exc:
                     raise type(exc)(f"{exc}. Stopped at step {step + 1}: {save_after_failure()}; {hint()}") from None
+                except Terminated:
+                    raise Terminated(f"stopped on SIGTERM during step {step + 1}: {save_after_failure()}; {hint()}") from None
                 except KeyboardInterrupt:
                     raise Interrupted(f"interrupted during step {step + 1}: {save_after_failure()}; {hint()}") from None
-                step = last["step"]
-                if step % cfg.run.log_every == 0 or step == total:
-                    metrics.write(json.dumps(_jsonable(last)) + "\n")
-                    metrics.flush()
-                    if tensorboard is not None:
-                        for key, value in last.items():
-                            if isinstance(value, (int, float, np.floating, np.integer)) and key != "step":
-                                tensorboard.add_scalar(key, float(value), step)
-                bar.update(1)
-                bar.set_postfix(J=f"{last['J']:.6g}")
-                if every and step % every == 0:
-                    save()
+                if stop.terminated:  # the step in flight finished before it could be abandoned
+                    if saved["step"] != step:
+                        save()
+                    raise Terminated(f"stopped on SIGTERM after step {step}: checkpoint {saved['path']} written; {resume_hint}")
                 if stop.requested and step < total:
                     if saved["step"] != step:
                         save()
@@ -159,7 +190,6 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             save(state)
         theta = state["theta"].numpy()
         model = SparseAutoencoder.from_config(cfg)
-        save_model(model, run_dir, cfg, torch.from_numpy(theta))
         seconds = time.perf_counter() - t0
         summary = {
             "steps": int(state["meta"]["step"]),
@@ -170,9 +200,20 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             "rho_hat_mode": "exact" if cfg.optim.full_batch else cfg.sparsity.rho_hat,
             "final": _jsonable(last),
         }
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            save_model(model, run_dir, cfg, torch.from_numpy(theta))
+            tmp = run_dir / (SUMMARY_FILE + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(run_dir / SUMMARY_FILE)
+        except Exception as exc:  # OSError, SafetensorError: the disk is full or gone
+            (run_dir / (SUMMARY_FILE + ".tmp")).unlink(missing_ok=True)
+            raise (exc if isinstance(exc, OSError) else OSError(f"{type(exc).__name__}: {exc}")) from None
     except OSError as exc:  # metrics, model or summary: the disk is full or gone
-        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}); {kept()}. Free disk space, then {resume_hint}") from None
+        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}): the disk is full or not writable; "
+                              f"{kept()}. Free disk space, then {resume_hint}") from None
+    finally:
+        if metrics is not None:
+            metrics.close()
     return TrainResult(run_dir, summary["steps"], last, seconds, theta)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from util import stop_session_group
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -105,7 +107,7 @@ def head():
         _wait_for_job_server(url, token, proc, Path(temp_dir) / "ray-start.log")
         yield url, env
     finally:
-        _stop_group(proc)
+        stop_session_group(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -128,36 +130,6 @@ def _wait_for_job_server(url: str, token: str, proc: subprocess.Popen, log_path:
         except Exception:
             time.sleep(1.0)
     pytest.fail(f"the job server at {url} did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the head: SIGTERM, then SIGKILL, to every process of the session `ray start` leads.
-
-    `ray start` started the GCS, raylet, dashboard and every worker in its own session (the test
-    made it a session leader), so this ends exactly the processes this test started.
-    """
-    def members() -> list[int]:
-        pids = []
-        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-            try:
-                if os.getsid(pid) == proc.pid:
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
-
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in members():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, so it does not linger as a zombie
-            if not members():
-                return
-            time.sleep(0.1)
 
 
 @pytest.mark.ray
