@@ -59,6 +59,7 @@ def train(
         raise ConfigError("no run directory: give --out DIR (or run.out=DIR)")
     writer_class = _tensorboard_class(cfg)  # fails before any work when the package is missing
     dataset = Dataset.open(cfg.data.path)
+    dataset.check_edges()
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
     with run_lock(run_dir):  # one run per folder, taken before the folder is looked at

@@ -9,9 +9,9 @@ not with `ray stop` (which would stop every Ray on the machine).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +19,7 @@ import time
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -169,3 +170,49 @@ def test_a_client_without_the_token_is_refused(head):
     url, _ = head
     with pytest.raises(Exception):
         _client(url, "not-the-token").list_jobs()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_stop_mid_run_checkpoints_and_the_run_resumes_exactly(head, tmp_path, capsys):
+    """`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s): the run checkpoints in time."""
+    from ray.job_submission import JobStatus
+
+    from dist_sae.commands.main import main
+    from dist_sae.sae.model import load_model
+    from dist_sae.train.checkpoint import latest_checkpoint
+    from util import make_dataset, smooth_patches
+
+    url, env = head
+    data, out = tmp_path / "data", tmp_path / "run"
+    # Shards of whole units: the local engine (resume, reference) then sums the same units in the same order as Ray.
+    make_dataset(data, smooth_patches(600, seed=2), shard_rows=200, chunk_rows=100)
+    steps = 500  # far more than it gets to: `ray job stop` comes mid-run
+    args = ["--quiet", "model.hidden=[5]", "workers.num=2", "data.block_rows=100", "run.report=false",
+            "run.checkpoint_every=7", "optim.tolerance_change=0", "optim.tolerance_grad=0"]
+    submission_id = f"dist-sae-stop-{secrets.token_hex(4)}"
+    subprocess.run(
+        [str(REPO / "scripts" / "submit.sh"), "--address", url, "--no-wait", "--submission-id", submission_id, "--",
+         "--data", str(data), "--out", str(out), *args, f"optim.steps={steps}"],
+        env=env, check=True, capture_output=True, text=True, timeout=120,
+    )
+    client = _client(url, env["RAY_AUTH_TOKEN"])
+    deadline = time.monotonic() + 150
+    metrics = out / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 9:  # past the first checkpoint (7)
+        assert client.get_job_status(submission_id) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(submission_id)[-3000:]
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.2)
+    subprocess.run(["ray", "job", "stop", "--address", url, submission_id], env=env, check=True, capture_output=True, text=True,
+                   timeout=60)
+    assert client.get_job_status(submission_id) == JobStatus.STOPPED
+    logs = client.get_job_logs(submission_id)
+    assert "stopped on SIGTERM" in logs and "Traceback" not in logs, logs[-3000:]
+    done = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")][-1]
+    assert latest_checkpoint(out)[0]["meta"]["step"] == done < steps  # the last completed step, checkpointed in the grace period
+    # Resume to a few steps past the stop, and compare with an uninterrupted run of as many steps.
+    assert main(["train", "--resume", str(out), "--local", f"optim.steps={done + 3}"]) == 0, capsys.readouterr().err
+    assert main(["train", "--local", "--data", str(data), "--out", str(tmp_path / "ref"), *args, f"optim.steps={done + 3}"]) == 0
+    reference = load_model(tmp_path / "ref")[0].theta.detach().numpy()
+    theta = load_model(out)[0].theta.detach().numpy()
+    assert np.linalg.norm(theta - reference) <= 1e-10 * np.linalg.norm(reference)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dist_sae.commands.main import main
 from dist_sae.sae.model import load_model

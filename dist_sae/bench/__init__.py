@@ -1,0 +1,1 @@
+"""Benchmarks (`python -m dist_sae.bench.<name>`), each writing JSON."""
