@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"sizes": sizes, "runs": [measure(sizes, int(h), root, args.reps) for h in args.history.split(",")]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    text = json.dumps(result, indent=2)
+    return emit(result, args.out)
+
+
+def emit(report: dict, out: str | None) -> dict:
+    """Print the report as JSON, and write it to `out` too when given."""
+    text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return result
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return report
 
 
 if __name__ == "__main__":
