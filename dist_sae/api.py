@@ -62,6 +62,8 @@ def train(
     dataset.check_edges()
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
+    if resume and not run_dir.is_dir():
+        check_run_dir(run_dir, resume, overwrite)  # "holds no run": refused without making the folder
     with run_lock(run_dir):  # one run per folder, taken before the folder is looked at
         return _train_locked(cfg, dataset, run_dir, writer_class, init, resume, overwrite, allow_change)
 

@@ -41,6 +41,14 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ").strip()[:80]
+    except OSError:
+        return "?"
+
+
 def tree_rss(root: int) -> dict[int, float]:
     """VmRSS (MB) of `root` and every descendant, by PID (Ray's processes are the driver's descendants)."""
     out, todo = {}, [root]
@@ -56,15 +64,18 @@ def run_sampled(cmd: list[str], interval: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    largest, tree = 0.0, 0.0
+    largest, tree, which = 0.0, 0.0, ""
     while proc.poll() is None:
         sample = tree_rss(proc.pid)
-        largest, tree = max(largest, max(sample.values(), default=0.0)), max(tree, sum(sample.values()))
+        pid = max(sample, key=sample.get)
+        if sample[pid] > largest:
+            largest, which = sample[pid], _name(pid)
+        tree = max(tree, sum(sample.values()))
         time.sleep(interval)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} exited {proc.returncode}: {err[-2000:]}")
-    return {"largest_peak_mb": largest, "tree_peak_mb": tree, "seconds": time.perf_counter() - t0,
+    return {"largest_peak_mb": largest, "largest_process": which, "tree_peak_mb": tree, "seconds": time.perf_counter() - t0,
             "J": json.loads(out)["J"]}
 
 
