@@ -34,8 +34,6 @@ from dist_sae.sae.sums import OrderedReducer, Sums
 from dist_sae.cluster import runtime
 from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
 
-ABANDON_POLL_S = 0.1  # longest wait between two looks at RayEvaluator.abandon
-
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # units per worker: one computing, one being read (the worker has max_concurrency=2)
@@ -129,7 +127,7 @@ class RayEvaluator:
                     "workers failed and cannot be replaced"
                 )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(dispatcher))
-            if self.abandon.is_set():
+            if self.abandon.is_set():  # looked at whenever a unit finishes: within a unit's time
                 raise TrainingError("the pass was abandoned: the run is stopping")
             for ref in ready:
                 if ref in self._probes:
@@ -164,8 +162,7 @@ class RayEvaluator:
         if self._stalled_since is not None:
             deadlines.append(self._stalled_since + self.timeout_s)
         deadlines = [d for d in deadlines if d is not None]
-        # At most ABANDON_POLL_S, so that an abandon request (SIGTERM on the driver) is seen at once.
-        return min(ABANDON_POLL_S, max(0.01, min(deadlines) - time.monotonic())) if deadlines else ABANDON_POLL_S
+        return max(0.01, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _check_stalled(self, dispatcher: Dispatcher, now: float) -> None:
         """Give up when no worker has been alive for unit_timeout_s (replacements cannot be placed)."""
