@@ -6,7 +6,10 @@ and workers on a Ray cluster; a local one bound to 127.0.0.1 is started when no 
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,14 @@ from dist_sae.data.dataset import Dataset
 from dist_sae.data.storage import shard_cache
 from dist_sae.train.inputs import bind_dataset, inherited_transform
 from dist_sae.train.passes import local_problem
-from dist_sae.errors import CheckpointError, ConfigError
+from dist_sae.errors import CheckpointError, ConfigError, Terminated
 from dist_sae.sae.model import CONFIG_FILE, SparseAutoencoder, load_model
 from dist_sae.sae.objective import Evaluation
-from dist_sae.train.rundir import METRICS_FILE
 from dist_sae.train.loop import TrainResult, _loop
-from dist_sae.train.rundir import _check_resume, check_run_dir, prepare_run_dir, truncate_metrics
+from dist_sae.train.rundir import (
+    METRICS_FILE, SUMMARY_FILE, _check_resume, check_run_dir, check_shape, finished_at, prepare_run_dir, run_lock,
+    truncate_metrics,
+)
 from dist_sae.session import initial_theta, open_session
 from dist_sae import progress
 from dist_sae.version import __version__
@@ -56,10 +61,21 @@ def train(
         raise ConfigError("no run directory: give --out DIR (or run.out=DIR)")
     writer_class = _tensorboard_class(cfg)  # fails before any work when the package is missing
     dataset = Dataset.open(cfg.data.path, cache=shard_cache(cfg.data))
+    if dataset.url is None:  # NaN at shard edges; an object-store dataset is checked as its shards are read
+        dataset.check_edges()
     cfg = bind_dataset(cfg, dataset)
     run_dir = Path(cfg.run.out)
+    if resume and not run_dir.is_dir():
+        check_run_dir(run_dir, resume, overwrite)  # "holds no run": refused without making the folder
+    with run_lock(run_dir):  # one run per folder, taken before the folder is looked at
+        return _train_locked(cfg, dataset, run_dir, writer_class, init, resume, overwrite, allow_change)
+
+
+def _train_locked(cfg: Config, dataset: Dataset, run_dir: Path, writer_class, init, resume: bool, overwrite: bool,
+                  allow_change: bool) -> TrainResult:
     # Everything a user can get wrong is checked before the run dir is touched: nothing of an
-    # existing run is overwritten by a run that cannot start.
+    # existing run is overwritten by a run that cannot start. A resume changes no file of the run
+    # until its first step has succeeded.
     check_run_dir(run_dir, resume, overwrite)
     checkpoint, resumed_from = None, None
     if resume:
@@ -69,34 +85,60 @@ def train(
                 f"--resume: {run_dir} has no valid checkpoint (the run stopped before its first one); "
                 "start it again with --overwrite"
             )
+        check_shape(*checkpoint, cfg, run_dir)
         _check_resume(checkpoint[1], cfg, dataset, allow_change)
+        why = finished_at(checkpoint[0], cfg)
+        if why:
+            return _finished(run_dir, checkpoint[0], why)
         resumed_from = {"step": int(checkpoint[0]["meta"]["step"]), "version": checkpoint[1].get("version", "before 0.2.0")}
         if resumed_from["version"] != __version__:
             log.warning("resuming a checkpoint written by dist_sae %s with dist_sae %s", resumed_from["version"], __version__)
     theta0 = initial_theta(cfg, init)
     session = open_session(cfg, dataset)
     tensorboard = None
-    try:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+
+    def first_step():
+        """After the resumed run's first step: its config and metrics change only now."""
+        nonlocal tensorboard
+        step = int(checkpoint[0]["meta"]["step"])
+        dropped = truncate_metrics(run_dir / METRICS_FILE, step)
         cfg.save(run_dir / CONFIG_FILE)
+        log.info("resumed %s at step %d (checkpoint written by dist_sae %s; %d metrics lines after it dropped)",
+                 run_dir, step, resumed_from["version"], dropped)
         tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
+        return tensorboard
+
+    try:
+        if not resume:
+            prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+            cfg.save(run_dir / CONFIG_FILE)
+            tensorboard = writer_class(str(run_dir / "tensorboard")) if writer_class else None
         if hasattr(session.problem.evaluator, "progress"):
             session.problem.evaluator.progress = progress.pass_bars(cfg.run.quiet)
         stepper = session.stepper(theta0)
         if checkpoint is not None:
             stepper.load_state_dict(checkpoint[0])
-            step = int(checkpoint[0]["meta"]["step"])
-            dropped = truncate_metrics(run_dir / METRICS_FILE, step)
-            log.info("resumed %s at step %d (checkpoint written by dist_sae %s; %d metrics lines after it dropped)",
-                     run_dir, step, resumed_from["version"], dropped)
-        result = _loop(cfg, dataset, run_dir, stepper, tensorboard, resumed_from)
+        result = _loop(cfg, dataset, run_dir, stepper, tensorboard, resumed_from, first_step if resume else None)
         if cfg.run.report:
             _write_report(run_dir, session.problem)
         return result
     finally:
         if tensorboard is not None:
             tensorboard.close()
-        session.close()
+        t = time.perf_counter()
+        session.close(fast=isinstance(sys.exc_info()[1], Terminated))  # SIGTERM: within the grace period
+        log.info("session closed in %.2fs", time.perf_counter() - t)
+
+
+def _finished(run_dir: Path, state: dict, why: str) -> TrainResult:
+    """The result of resuming a run that is already done: read, nothing written."""
+    summary = {}
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    step = int(state["meta"]["step"])
+    return TrainResult(run_dir, step, summary.get("final") or {}, 0.0, state["theta"].numpy(), finished=why)
 
 
 def _tensorboard_class(cfg: Config):
@@ -124,7 +166,7 @@ def _write_report(run_dir: Path, problem) -> None:
 
 def evaluate(model: str | Path, data: str | Path, overrides: list[str] | None = None) -> tuple[Evaluation, Config]:
     """Exact J, its terms and ∇J of a saved model over a dataset (hyperparameters from the model's config)."""
-    model_obj, cfg = load_model(model)
+    model_obj, cfg = load_model(model, infer_architecture=True)
     cfg = cfg.with_overrides([o for o in overrides or [] if o.startswith("data.local_cache")])
     dataset = Dataset.open(data, cache=shard_cache(cfg.data))
     # Noise belongs to training passes; evaluate reports the clean objective unless told otherwise.

@@ -8,6 +8,7 @@ overridden by dotted `key=value` arguments, and saved beside every result as `co
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,14 @@ class Config(Section):
         return from_dict(apply_overrides(self.model_dump(), overrides))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        """Write as JSON atomically: a temporary file, fsynced, renamed over `path`."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.model_dump(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -38,3 +38,7 @@ class Interrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so code that stops on Ctrl-C still stops; the CLI exits with 130.
     """
+
+
+class Terminated(Interrupted):
+    """Training stopped on SIGTERM (`ray job stop`, preemption) after checkpointing; the CLI exits with 143."""

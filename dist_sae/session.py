@@ -42,7 +42,7 @@ class LocalSession:
         batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
         return AtomicStepper(Trainer(self.cfg, self.problem, theta0, batches))
 
-    def close(self) -> None:
+    def close(self, fast: bool = False) -> None:
         self.problem.evaluator.close()
 
 

@@ -50,8 +50,9 @@ fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-# Not shipped: history, build leftovers, local data and run outputs.
-runtime_env='{"excludes": [".git", "**/__pycache__", "*.egg-info", ".venv", "build", "dist", "bench_out", "runs", "data", "*.h5"]}'
+# Not shipped: history, build leftovers, local data and run outputs (top-level /data, not dist_sae/data:
+# the patterns are gitignore-style).
+runtime_env='{"excludes": [".git", "**/__pycache__", "*.egg-info", "/.venv", "/build", "/dist", "/bench_out", "/runs", "/data", "*.h5"]}'
 
 exec ray job submit --address "$address" --working-dir . --runtime-env-json "$runtime_env" \
     ${submit_args[@]+"${submit_args[@]}"} -- "${entrypoint[@]}"

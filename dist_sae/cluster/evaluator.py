@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -107,6 +108,8 @@ class RayEvaluator:
         self._rates: dict[int, float] = {}
         self.balance = balance
         self.meter = PassMeter()
+        self.notes: list[str] = []  # one line per worker failure handled, for the driver to print
+        self.abandon = threading.Event()  # set (from another thread): the pass in flight stops at once
 
     # ---- θ in the object store -----------------------------------------------------------
 
@@ -158,6 +161,8 @@ class RayEvaluator:
                     "workers failed and cannot be replaced"
                 )
             ready, _ = ray.wait(waiting, num_returns=1, timeout=self._wait_s(dispatcher))
+            if self.abandon.is_set():  # looked at whenever a unit finishes: within a unit's time
+                raise TrainingError("the pass was abandoned: the run is stopping")
             for ref in ready:
                 if ref in self._probes:
                     self._probe_done(ref, dispatcher)
@@ -233,8 +238,10 @@ class RayEvaluator:
         decision = self.policy.decide(status, self.failures)
         if decision.action is Action.GIVE_UP:
             raise TrainingError(f"worker {status.index} failed: {why}; {decision.reason}")
-        log.warning("worker %d failed: %s; its unfinished units %s go to the other workers; %s",
-                    status.index, why, requeued, decision.reason)
+        note = f"worker {status.index} failed: {why}; its unfinished units {requeued} go to the other workers; {decision.reason}; "
+        note += f"{self.policy.max_restarts - self.failures} restarts left"
+        self.notes.append(note)
+        log.warning("%s", note)
 
     def _restart(self, worker: int, new_actor: bool = False) -> None:
         """Wait (asynchronously) for the worker to come back: Ray's restart, or a new actor."""

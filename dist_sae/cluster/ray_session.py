@@ -35,6 +35,7 @@ from dist_sae.cluster.server import ParameterServer
 log = logging.getLogger(__name__)
 
 SERVER_NAME = f"{runtime.ACTOR_PREFIX}.ParameterServer"
+CONTROL = "control"  # the server's concurrency group for calls made while a step runs (abandon)
 
 
 def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
@@ -85,17 +86,58 @@ class RemoteStepper:
         self.converged = bool(runtime.get(server.converged.remote(), "starting the parameter server"))
 
     def step(self) -> dict[str, Any]:
+        return self._run(self._server.step.remote(), "a training step")
+
+    def steps(self, n: int) -> list[dict[str, Any]]:
+        """Up to `n` steps in one round trip (the minibatch loop's way: a round trip costs more than a step)."""
+        return self._run(self._server.steps.remote(n), "training steps")
+
+    def _run(self, ref: Any, what: str) -> Any:
+        """The result of a step call: the pass bars drawn while it runs, the step abandoned on
+        Ctrl-C twice or SIGTERM, and the server's worker-failure lines printed."""
         def snapshot() -> dict[str, Any]:  # answered while step() runs, in the server's own "progress" group
             return runtime.get(self._server.progress.options(concurrency_group="progress").remote(), "reading pass progress", timeout=10)
 
         with PassBars(snapshot, self.bars, self.poll_s):
-            metrics, self.converged = runtime.get(self._server.step.remote(), "a training step")
-        return metrics
+            try:
+                result, self.converged, notes = runtime.get(ref, what)
+            except KeyboardInterrupt:  # the server abandons the step and rolls it back
+                if not self._abandon(ref):
+                    raise
+                # The step had finished already: hand it over (the loop stops after it, with a checkpoint).
+                result, self.converged, notes = runtime.get(ref, what)
+            except BaseException:
+                self._print_notes(self._take_notes())
+                raise
+        self._print_notes(notes)
+        return result
 
-    def steps(self, n: int) -> list[dict[str, Any]]:
-        """Up to `n` steps in one round trip (the minibatch loop's way: a round trip costs more than a step)."""
-        done, self.converged = runtime.get(self._server.steps.remote(n), "training steps")
-        return done
+    def _abandon(self, ref: Any, timeout_s: float = 2.0) -> bool:
+        """Have the server drop the step in flight; wait (briefly) until it has rolled back.
+
+        Returns:
+            True when the step had completed after all (its result is in `ref`).
+        """
+        try:
+            self._server.abandon.options(concurrency_group=CONTROL).remote()
+            ready, _ = ray.wait([ref], timeout=timeout_s)
+            if ready:
+                ray.get(ref)
+                return True
+        except Exception as exc:  # abandoned (rolled back), or Ray is going away
+            log.debug("abandoning the step: %s", exc)
+        return False
+
+    def _take_notes(self) -> list[str]:
+        try:
+            return ray.get(self._server.take_notes.options(concurrency_group=CONTROL).remote(), timeout=5)
+        except Exception:
+            return []
+
+    @staticmethod
+    def _print_notes(notes: list[str]) -> None:
+        for note in notes:  # the server's log stays in Ray's session logs; the user sees this line
+            log.warning("%s", note)
 
     def state_dict(self) -> dict[str, Any]:
         return runtime.get(self._server.state_dict.remote(), "reading the trainer state")
@@ -162,9 +204,10 @@ class ClusterSession:
             self.server = None
             _wait_until_unnamed(SERVER_NAME, self.namespace)
         self.server = (
-            # progress() has a concurrency group of its own, so the driver's pass bars are answered
-            # while step() runs; every other call still waits for the step (one at a time, as before).
-            ray.remote(concurrency_groups={"progress": 1})(ParameterServer)
+            # progress() and abandon() have concurrency groups of their own, so the driver's pass
+            # bars and a stop request are answered while step() runs; every other call still waits
+            # for the step (one at a time, as before).
+            ray.remote(concurrency_groups={"progress": 1, CONTROL: 1})(ParameterServer)
             .options(
                 name=SERVER_NAME,
                 namespace=self.namespace,
@@ -175,11 +218,13 @@ class ClusterSession:
         )
         return RemoteStepper(self.server, bars=getattr(self.problem.evaluator, "progress", None))
 
-    def close(self) -> None:
+    def close(self, fast: bool = False) -> None:
         """Kill the actors this session made; shut Ray down only if this session started it.
 
         A session that joined a running cluster disconnects from it; one that found this process
-        already connected leaves the connection alone.
+        already connected leaves the connection alone. `fast` (after SIGTERM, the process is about
+        to exit within a grace period): a local Ray this session started is told to stop, not
+        waited for (runtime.stop_local(wait=False)).
         """
         problem = getattr(self, "problem", None)
         if problem is not None:
@@ -194,7 +239,7 @@ class ClusterSession:
         self.server = None
         self.workers[:] = []
         if self._ray in ("started", "joined"):
-            runtime.stop_local()
+            runtime.stop_local(wait=not fast)
             self._ray = "closed"
 
 

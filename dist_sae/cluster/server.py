@@ -55,19 +55,30 @@ class ParameterServer:
         self.problem = PassProblem(self.evaluator, cfg)
         self.stepper = AtomicStepper(Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches))
 
-    def step(self) -> tuple[dict[str, Any], bool]:
-        """One optimizer step: (its metrics, converged).
+    def step(self) -> tuple[dict[str, Any], bool, list[str]]:
+        """One optimizer step: (its metrics, converged, a line per worker failure handled in it).
 
-        A step that fails (workers lost past workers.max_restarts, non-finite J) leaves the trainer
-        as it was before the step, so state_dict() is the last completed step's, fit to checkpoint.
+        A step that fails (workers lost past workers.max_restarts, non-finite J, abandon()) leaves
+        the trainer as it was before the step, so state_dict() is the last completed step's, fit
+        to checkpoint.
         """
         metrics = self.stepper.step()
-        return metrics, self.stepper.converged
+        return metrics, self.stepper.converged, self.take_notes()
 
-    def steps(self, n: int) -> tuple[list[dict[str, Any]], bool]:
-        """Up to `n` optimizer steps in one call: (their metrics, converged). See AtomicStepper.steps."""
+    def take_notes(self) -> list[str]:
+        """The worker-failure lines not yet handed to the driver."""
+        notes, self.evaluator.notes[:] = list(self.evaluator.notes), []
+        return notes
+
+    def abandon(self) -> None:
+        """Make the step in flight fail at once (it is rolled back); called in the session's
+        "control" concurrency group while step() runs. Later steps fail too: the run is stopping."""
+        self.evaluator.abandon.set()
+
+    def steps(self, n: int) -> tuple[list[dict[str, Any]], bool, list[str]]:
+        """Up to `n` optimizer steps in one call: (their metrics, converged, worker-failure lines). See AtomicStepper.steps."""
         done = self.stepper.steps(n)
-        return done, self.stepper.converged
+        return done, self.stepper.converged, self.take_notes()
 
     def converged(self) -> bool:
         return self.stepper.converged

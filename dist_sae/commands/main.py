@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from dist_sae.errors import DistSaeError
+from dist_sae.errors import DistSaeError, Terminated
 from dist_sae.version import __version__
 
 # Command modules, in the order `--help` lists them.
@@ -45,7 +46,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fast_exit: bool | None = None) -> int:
+    """Run one command; its exit status.
+
+    Args:
+        argv: the arguments (default: this process's command line).
+        fast_exit: after SIGTERM (and its checkpoint), end the process at once with 143 instead of
+            returning: Ray's and torch's teardown can take seconds of the grace period before
+            SIGKILL. Default: when argv is None (the `dist-sae` command itself).
+    """
     parser = build_parser()
     args = parse(parser, argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
@@ -57,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:  # SIGTERM: checkpointed; 128 + 15, as a shell reports a process ended by it
+        print(str(exc), file=sys.stderr)
+        if argv is None if fast_exit is None else fast_exit:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)  # the checkpoint is fsynced and the session closed: nothing is left to write
+        return 143
     except KeyboardInterrupt as exc:  # errors.Interrupted says where it stopped and how to resume
         print(str(exc) or "interrupted", file=sys.stderr)
         return 130

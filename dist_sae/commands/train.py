@@ -88,6 +88,10 @@ def cmd_train(args) -> int:
     else:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
     result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
+    if result.finished:
+        print(f"{result.run_dir} is finished at step {result.steps} ({result.finished}); nothing was changed. "
+              f"To train further, raise optim.steps: `dist-sae train --resume {result.run_dir} optim.steps=N` with N > {result.steps}")
+        return 0
     final = result.final
     if resume:
         resumed = json.loads((result.run_dir / SUMMARY_FILE).read_text()).get("resumed_from", {})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from dist_sae.data import storage
 from dist_sae.errors import DataError
@@ -36,6 +37,7 @@ MIN_UNIT_ROWS = 4096
 TAPER = (2, 4, 8)
 FORMAT = "dist_sae.dataset/1"
 DATASET_KEY = "x"
+SAMPLE_ROWS = 64  # rows at each end of a shard that Dataset.open checks for NaN/Inf
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,30 @@ class Dataset:
             raise DataError(f"shard {file}: {DATASET_KEY} has {shape[0]} rows, {MANIFEST} says {info.rows}")
         if str(dtype) != self.dtype:
             raise DataError(f"shard {file}: dtype {dtype}, {MANIFEST} says {self.dtype}")
+
+    def check_edges(self) -> None:
+        """NaN/Inf in the first and last SAMPLE_ROWS rows of each shard (a chunk or two each: cheap).
+
+        Run before training starts, so that a shard corrupt there is named before the run dir is
+        made; `dist-sae data check` reads every row.
+
+        Raises:
+            DataError: naming the shard and the first bad row.
+        """
+        for index in range(len(self.shards)):
+            file = self.shard_path(index)
+            try:
+                with h5py.File(file, "r") as f:
+                    x = f[DATASET_KEY]
+                    edge = min(SAMPLE_ROWS, x.shape[0])
+                    sample = [(0, x[:edge]), (x.shape[0] - edge, x[x.shape[0] - edge :])]
+            except Exception as exc:  # h5py: OSError/RuntimeError for a corrupt chunk
+                raise DataError(f"shard {file} cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from None
+            for first, rows in sample:
+                if rows.dtype.kind == "f" and not np.isfinite(rows).all():
+                    bad = first + np.flatnonzero(~np.isfinite(rows).all(axis=1))
+                    raise DataError(f"shard {file}: non-finite values (NaN/Inf) in rows {bad[0]}..{bad[-1]} ({bad.size} rows "
+                                    "checked before training); clean the data first (`dist-sae data check` lists every bad row)")
 
     def chunk_rows(self) -> int:
         """Rows per HDF5 chunk of the first shard (1 when not chunked); the manifest's `chunk_rows` when recorded."""

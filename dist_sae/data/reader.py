@@ -47,11 +47,21 @@ class BlockReader:
             self._files.move_to_end(shard)
         return f
 
-    def read(self, unit: WorkUnit) -> np.ndarray:
-        """Rows of the unit, (unit.rows, dim), in the stored dtype."""
+    def read(self, unit: WorkUnit, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of the unit, (unit.rows, dim), in the stored dtype.
+
+        out: a C-contiguous (>= unit.rows, dim) array of the stored dtype to read into (h5py's
+        read_direct: no new multi-MB array per block, which lets the heap fragment and RSS creep
+        up with the data size); the rows are then out[:unit.rows]. Any other `out` is not used.
+        """
         with self._lock:
             try:
-                block = self._file(unit.shard)[DATASET_KEY][unit.start : unit.stop]
+                x = self._file(unit.shard)[DATASET_KEY]
+                if out is not None and out.dtype == x.dtype and out.shape[0] >= unit.rows and out.shape[1:] == x.shape[1:]:
+                    block = out[: unit.rows]
+                    x.read_direct(block, np.s_[unit.start : unit.stop])
+                else:
+                    block = x[unit.start : unit.stop]
             except DataError:
                 raise
             except Exception as exc:

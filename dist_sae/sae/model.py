@@ -10,6 +10,7 @@ This module imports only torch, safetensors and the config: it knows nothing of 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from dist_sae.config import Config, from_dict
 from dist_sae.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -266,9 +269,12 @@ def save_model(model: SparseAutoencoder, directory: str | Path, cfg: Config, the
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu") -> tuple[SparseAutoencoder, Config]:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu",
+               infer_architecture: bool = False) -> tuple[SparseAutoencoder, Config]:
     """Load a model from a run directory or a `.safetensors` file with `config.json` beside it.
 
+    With infer_architecture, a file without config.json is read too: its tensors' shapes give
+    the layer sizes (and tying); everything else is the default config (a warning says so).
     Only safetensors and JSON are read: nothing a user hands in is unpickled.
     """
     path = Path(path)
@@ -276,11 +282,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float64, device: str
     config_path = weights.parent / CONFIG_FILE
     if not weights.is_file():
         raise ModelError(f"no model at {weights}: expected a run directory or a {MODEL_FILE} file")
-    if not config_path.is_file():
+    if not config_path.is_file() and not infer_architecture:
         raise ModelError(f"{weights} has no {CONFIG_FILE} beside it; it is needed to know the architecture")
     try:
-        cfg = from_dict(json.loads(config_path.read_text()), f" in {config_path}")
         tensors = load_file(str(weights))
+        cfg = (from_dict(json.loads(config_path.read_text()), f" in {config_path}") if config_path.is_file()
+               else _inferred_config(tensors, weights))
     except (json.JSONDecodeError, SafetensorError, OSError) as exc:
         raise ModelError(f"cannot read model {weights}: {exc}") from None
     if cfg.model.visible is None and "W1" in tensors:
@@ -290,11 +297,32 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float64, device: str
     return model, cfg
 
 
+def _inferred_config(tensors: dict[str, torch.Tensor], source: Path) -> Config:
+    """The default config with model.visible, model.hidden and model.tied read from W1, b1, ... shapes."""
+    biases = sorted(int(k[1:]) for k in tensors if k[:1] == "b" and k[1:].isdigit())
+    if "W1" not in tensors or not biases or biases != list(range(1, len(biases) + 1)) or len(biases) % 2:
+        raise ModelError(f"{source}: has no {CONFIG_FILE} beside it, and its tensors {sorted(tensors)} are not "
+                         "W1, b1, ... of a symmetric autoencoder: give the run directory")
+    hidden = [int(tensors[f"b{k}"].shape[0]) for k in range(1, len(biases) // 2 + 1)]
+    visible, tied = int(tensors["W1"].shape[1]), f"W{len(biases)}" not in tensors
+    log.warning("%s has no %s beside it: model.visible=%d, model.hidden=%s, model.tied=%s were read from its tensors' "
+                "shapes; activations and loss settings are the defaults (or the overrides given)",
+                source, CONFIG_FILE, visible, hidden, str(tied).lower())
+    return from_dict({"model": {"visible": visible, "hidden": hidden, "tied": tied}})
+
+
 def load_weights_into(model: SparseAutoencoder, path: str | Path) -> None:
-    """Initialise θ from a `.safetensors` file (the `--init` of train), checking names and shapes."""
+    """Initialise θ from a `.safetensors` file (the `--init` of train), checking names and shapes.
+
+    A model file (W1, b1, ...) or a checkpoint's theta.safetensors (one flat `theta` of this model's size).
+    """
     path = Path(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"cannot read initial weights {path}: {exc}") from None
+    if set(tensors) == {"theta"} and tensors["theta"].numel() == model.num_params:  # a checkpoint's theta.safetensors
+        with torch.no_grad():
+            model.theta.copy_(tensors["theta"].reshape(-1).to(model.theta.dtype))
+        return
     model.load_named(tensors, str(path))

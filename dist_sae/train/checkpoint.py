@@ -5,8 +5,11 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
     trainer.pt          optimizer state (L-BFGS history, Adam moments), ρ̂ state; loaded with
                         torch.load(weights_only=True), which never unpickles arbitrary objects
     state.json          step, epoch, data position, dataset fingerprint, config
+    manifest.json       the SHA-256 of each file above, checked on load (torch.load does not check
+                        its zip CRCs and safetensors has no checksum: flipped bits load silently)
 It is written into `step-NNNNNNNN.tmp/`, every file fsynced, then renamed into place, so a kill
-during the write leaves the previous checkpoint the newest valid one. Only safetensors, JSON and
+during the write leaves the previous checkpoint the newest valid one; any failure while writing
+(a full disk) removes the partial folder. Only safetensors, JSON and
 tensors-only torch files are ever read back: nothing is unpickled.
 
 `AtomicStepper` makes a trainer step all-or-nothing, so that after a failed or interrupted
@@ -15,15 +18,19 @@ step the trainer's state is the last completed step's and can still be checkpoin
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from dist_sae.data.dataset import fsync_path
 from dist_sae.errors import CheckpointError
@@ -31,15 +38,21 @@ from dist_sae.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-COMPLETE = "state.json"  # written last: a folder without it is not a checkpoint
+THETA, TRAINER, STATE = "theta.safetensors", "trainer.pt", "state.json"
+COMPLETE = "manifest.json"  # SHA-256 of every other file; written last: a folder without it is not a checkpoint
 _UNFINISHED = (".tmp", ".old")  # being written / being replaced: never loaded
 
 
 def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: dict[str, Any], keep: int = 3) -> Path:
     """Write a checkpoint of `trainer_state` (from Trainer.state_dict) with JSON `info`; keep the newest `keep`.
 
+    Every file's SHA-256 is taken from the bytes as they are written (no second read) and recorded
+    in manifest.json, written last.
+
     Raises:
-        CheckpointError: when the disk is full or not writable; the previous checkpoints stay valid.
+        CheckpointError: any failure while writing (a full disk shows as OSError, torch's
+            RuntimeError or safetensors' SafetensorError); the partial folder is removed and the
+            previous checkpoints stay valid.
     """
     root = Path(run_dir) / CHECKPOINTS
     step = int(trainer_state["meta"]["step"])
@@ -49,14 +62,14 @@ def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: di
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({"theta": trainer_state["theta"].contiguous()}, str(tmp / "theta.safetensors"))
-        torch.save(
-            {k: trainer_state.get(k) for k in ("optimizer", "rho_means", "ema_means", "dead_units")},
-            tmp / "trainer.pt",
-        )
-        (tmp / COMPLETE).write_text(json.dumps({**info, "trainer": trainer_state["meta"]}, indent=2) + "\n")
-        for file in tmp.iterdir():
-            fsync_path(file)
+        hashes = {
+            THETA: _write(tmp / THETA, save({"theta": trainer_state["theta"].contiguous()})),
+            TRAINER: _write(tmp / TRAINER, lambda f: torch.save(
+                {k: trainer_state.get(k) for k in ("optimizer", "rho_means", "ema_means", "dead_units")}, f)),
+            STATE: _write(tmp / STATE, (json.dumps({**info, "trainer": trainer_state["meta"]}, indent=2) + "\n").encode()),
+        }
+        _write(tmp / COMPLETE, (json.dumps({"sha256": hashes}, indent=2) + "\n").encode())
+        fsync_path(tmp)
         _before_rename_hook(tmp)
         old = root / f"step-{step:08d}.old"
         if final.exists():  # rewriting a step: move the old copy aside first, so one is valid throughout
@@ -65,15 +78,62 @@ def save_checkpoint(run_dir: str | Path, trainer_state: dict[str, Any], info: di
         tmp.rename(final)
         fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):  # Ctrl-C or SIGTERM while writing: no partial folder left
+            raise
         raise CheckpointError(
-            f"cannot write checkpoint {final} ({exc.strerror or exc}); the previous checkpoint is kept. "
-            "Free disk space, then resume with --resume"
+            f"cannot write checkpoint {final} ({_cause(exc)}): {_disk_state(root)}; the partial folder was removed and "
+            f"{_previous(run_dir)}. Free disk space, then resume with `dist-sae train --resume {run_dir}`"
         ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(path: Path, data: bytes | Callable[[Any], None]) -> str:
+    """Write bytes (or let `data(file)` write) to `path`, fsynced; the SHA-256 of what was written."""
+    with open(path, "wb") as raw:
+        f = _HashingWriter(raw)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            data(f)
+        raw.flush()
+        os.fsync(raw.fileno())
+    return f.sha256.hexdigest()
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through (torch.save writes to it)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _cause(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+    return f"{type(exc).__name__}: {text if isinstance(text, str) else text[0]}"
+
+
+def _disk_state(root: Path) -> str:
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        return "the disk is full or not writable"
+    return f"the disk is full or not writable ({free / 2**20:.0f} MiB free there)"
+
+
+def _previous(run_dir: str | Path) -> str:
+    done = list_checkpoints(run_dir)
+    return f"the previous checkpoint {done[-1]} is kept" if done else "no earlier checkpoint exists"
 
 
 def _before_rename_hook(tmp: Path) -> None:
@@ -89,24 +149,35 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state for Trainer.load_state_dict, info) from a checkpoint folder."""
+    """(trainer_state for Trainer.load_state_dict, info) from a checkpoint folder, its SHA-256s verified.
+
+    Raises:
+        CheckpointError: a file is missing, unreadable, or not the bytes that were written.
+    """
     path = Path(path)
     try:
-        info = json.loads((path / COMPLETE).read_text())
-        theta = load_file(str(path / "theta.safetensors"))["theta"]
-        rest = torch.load(path / "trainer.pt", weights_only=True)
+        expected = json.loads((path / COMPLETE).read_text())["sha256"]
+        data = {}
+        for name in (THETA, TRAINER, STATE):
+            data[name] = (path / name).read_bytes()
+            digest = hashlib.sha256(data[name]).hexdigest()
+            if digest != expected.get(name):
+                raise CheckpointError(f"{name} is damaged: its SHA-256 is {digest[:12]}…, the manifest says {str(expected.get(name))[:12]}…")
+        info = json.loads(data[STATE])
+        theta = load(data[THETA])["theta"]
+        rest = torch.load(io.BytesIO(data[TRAINER]), weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
     return {"theta": theta, "meta": info["trainer"], **rest}, info
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The newest checkpoint that loads, skipping damaged ones with a warning; None if there is none."""
+    """The newest checkpoint that loads and verifies, skipping damaged ones with a warning; None if none."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return load_checkpoint(path)
         except CheckpointError as exc:
-            log.warning("skipping damaged checkpoint: %s", exc)
+            log.warning("skipping damaged checkpoint (using the one before it): %s", exc)
     return None
 
 

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from dist_sae.train.checkpoint import list_checkpoints, save_checkpoint, snapshot_state
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset
-from dist_sae.errors import CheckpointError, DistSaeError, Interrupted
+from dist_sae.errors import CheckpointError, DistSaeError, Interrupted, Terminated
 from dist_sae.sae.model import SparseAutoencoder, save_model
 from dist_sae.train.rundir import METRICS_FILE, SUMMARY_FILE
 from dist_sae import progress
@@ -54,23 +55,28 @@ class TrainResult:
     final: dict[str, Any]  # the last metrics line
     seconds: float  # the step loop: first step to model saved (run.json "seconds"); not Ray start-up or the report
     theta: np.ndarray
+    finished: str = ""  # why a resume found the run already finished (it then changed nothing)
 
 
 class _StopRequest:
     """Ctrl-C (SIGINT) while training: finish the current step, checkpoint, then stop (a clean stop).
 
     A second Ctrl-C stops at once; the stepper rolls its unfinished step back, so the last
-    completed step is still checkpointed. Only the main thread can take signals: elsewhere (a
-    notebook's worker thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
+    completed step is still checkpointed. SIGTERM (`ray job stop`, Kubernetes, spot preemption:
+    SIGKILL follows after a grace period) stops at once like that second Ctrl-C, without waiting
+    for the step in flight. Only the main thread can take signals: elsewhere (a notebook's worker
+    thread) this does nothing and Ctrl-C is an ordinary KeyboardInterrupt.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.terminated = False  # SIGTERM came: stop after the step in flight, or at once if it is abandoned
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -79,25 +85,33 @@ class _StopRequest:
         self.requested = True
         log.warning("stopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
 
+    def _terminate(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one roll-back and checkpoint, not two
+        self.terminated = True
+        raise Terminated("SIGTERM")
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensorboard=None,
-          resumed_from: dict[str, Any] | None = None) -> TrainResult:
+          resumed_from: dict[str, Any] | None = None, first_step: Callable[[], Any] | None = None) -> TrainResult:
     """Step to optim.steps, writing metrics, checkpoints, the model and a summary.
 
     Checkpoints and run.json record the dist_sae version; `resumed_from` ({"step", "version"} of
     the checkpoint a resume started from) goes into run.json too.
 
     Checkpoints every run.checkpoint_every steps, at the end, and when the run stops early: on a
-    failed step (the stepper rolled it back, so the last completed step is saved) and on Ctrl-C.
+    failed step (the stepper rolled it back, so the last completed step is saved), on Ctrl-C and
+    on SIGTERM. Nothing is written before the first step has succeeded; `first_step()` is called
+    then (a resume rewrites config.json and trims metrics.jsonl there) and may return a
+    TensorBoard writer to use from then on.
 
     Raises:
         DistSaeError: the step that failed, the checkpoint kept and how to resume, in one message.
-        errors.Interrupted: on Ctrl-C, after the checkpoint.
+        errors.Interrupted: on Ctrl-C, after the checkpoint; errors.Terminated on SIGTERM.
     """
     info = {"config": cfg.model_dump(), "fingerprint": dataset.fingerprint, "dataset": dataset.location, "version": __version__}
     state = stepper.state_dict()
@@ -121,7 +135,10 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             saved["path"], saved["step"] = future.result()
 
     def write(state: dict[str, Any]) -> tuple[Path, int]:
-        return save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints), int(state["meta"]["step"])
+        t = time.perf_counter()
+        path = save_checkpoint(run_dir, state, info, cfg.run.keep_checkpoints)
+        log.info("checkpoint %s written in %.2fs", path, time.perf_counter() - t)
+        return path, int(state["meta"]["step"])
 
     def save(state: dict[str, Any] | None = None, wait: bool = True) -> None:
         # A copy: a local trainer's optimizer state is the live tensors its next steps update.
@@ -134,7 +151,7 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
     def kept() -> str:
         if saved["path"] is None:
             return "no checkpoint was written yet"
-        return f"the last good checkpoint {saved['path']} (step {saved['step']}) is kept"
+        return f"the newest checkpoint {saved['path']} (step {saved['step']}) is kept"
 
     def hint() -> str:
         if saved["path"] is None:
@@ -150,15 +167,18 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             if done > start and done != saved["step"]:
                 save(state)
                 return f"the last completed step {done} is checkpointed in {saved['path']}"
-        except DistSaeError as exc:  # e.g. the disk is full, or the parameter server is gone
+        except CheckpointError:  # the disk is full: that message says what is kept
+            raise
+        except DistSaeError as exc:  # e.g. the parameter server is gone
             log.warning("no checkpoint after the failure: %s", exc)
         return kept()
 
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
+    metrics = None
+    step = start
     try:
-        with open(run_dir / METRICS_FILE, "a") as metrics, progress.bar(total, "train", unit="step", quiet=cfg.run.quiet, initial=start) as bar, _StopRequest() as stop:
-            step = start
+        with progress.bar(total, "train", unit="step", quiet=cfg.run.quiet, initial=start) as bar, _StopRequest() as stop:
             # Minibatch steps are asked for in runs (one call, one round trip to a remote trainer,
             # which costs more than a small step), ending at the next checkpoint; full-batch steps
             # one at a time (each is a pass over the data; a stop request is answered at the next).
@@ -167,12 +187,19 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
                 n = min(total - step, chunk, every - step % every if every else chunk)
                 try:
                     done = stepper.steps(n)
+                except CheckpointError:
+                    raise
                 except DistSaeError as exc:
                     raise type(exc)(f"{exc}. Stopped at step {step + 1}: {save_after_failure()}; {hint()}") from None
+                except Terminated:
+                    raise Terminated(f"stopped on SIGTERM during step {step + 1}: {save_after_failure()}; {hint()}") from None
                 except KeyboardInterrupt:
                     raise Interrupted(f"interrupted during step {step + 1}: {save_after_failure()}; {hint()}") from None
                 if not done:  # converged
                     break
+                if metrics is None:  # the first step succeeded: only now does the run dir change
+                    tensorboard = (first_step() if first_step is not None else None) or tensorboard
+                    metrics = open(run_dir / METRICS_FILE, "a")
                 for last in done:
                     step = last["step"]
                     if step % cfg.run.log_every == 0 or step == total:
@@ -184,6 +211,11 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
                 metrics.flush()
                 bar.update(len(done))
                 bar.set_postfix(J=f"{last['J']:.6g}")
+                if stop.terminated:  # the steps in flight finished before they could be abandoned
+                    flush()
+                    if saved["step"] != step:
+                        save()
+                    raise Terminated(f"stopped on SIGTERM after step {step}: checkpoint {saved['path']} written; {resume_hint}")
                 if every and step % every == 0:
                     save(wait=False)
                 if stop.requested and step < total:
@@ -197,7 +229,6 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             save(state)
         theta = state["theta"].numpy()
         model = SparseAutoencoder.from_config(cfg)
-        save_model(model, run_dir, cfg, torch.from_numpy(theta))
         seconds = time.perf_counter() - t0
         summary = {
             "version": __version__,
@@ -212,11 +243,21 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
         }
         if resumed_from is not None:
             summary["resumed_from"] = resumed_from
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            save_model(model, run_dir, cfg, torch.from_numpy(theta))
+            tmp = run_dir / (SUMMARY_FILE + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            tmp.replace(run_dir / SUMMARY_FILE)
+        except Exception as exc:  # OSError, SafetensorError: the disk is full or gone
+            (run_dir / (SUMMARY_FILE + ".tmp")).unlink(missing_ok=True)
+            raise (exc if isinstance(exc, OSError) else OSError(f"{type(exc).__name__}: {exc}")) from None
     except OSError as exc:  # metrics, model or summary: the disk is full or gone
-        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}); {kept()}. Free disk space, then {resume_hint}") from None
+        raise CheckpointError(f"cannot write to {run_dir} ({exc.strerror or exc}): the disk is full or not writable; "
+                              f"{kept()}. Free disk space, then {resume_hint}") from None
     finally:
         writer.shutdown(wait=True)  # a write still running when the loop fails is finished, not cut
+        if metrics is not None:
+            metrics.close()
     return TrainResult(run_dir, summary["steps"], last, seconds, theta)
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PASS_KINDS = ("pass1", "pass2", "onepass")
+STAGING_BUFFERS = 4  # read buffers kept for reuse: the read-ahead depth (2) + the block in compute + one
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any PassRunner changes it
 
 
@@ -69,6 +70,7 @@ class PassRunner:
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         self._pool: list[torch.Tensor] = []  # buffers of streamed blocks, for reuse (see load)
+        self._staging: list[np.ndarray] = []  # buffers the reader reads into (read_direct), for reuse
         self._streamed: set[int] = set()  # data_ptr of streamed blocks handed out by load
         self.recycle = False  # set by callers that `release` every block they load (LocalEvaluator)
         self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
@@ -114,7 +116,9 @@ class PassRunner:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        rows = self.reader.read(unit)
+        with self._cache_lock:
+            staging = self._staging.pop() if self._staging else None
+        rows = self.reader.read(unit, out=staging if staging is not None and len(staging) >= unit.rows else None)
         dim = rows.shape[1] if self.input_transform is None else self.input_transform.out_dim(rows.shape[1])
         size = rows.shape[0] * dim * self.dtype.itemsize
         with self._cache_lock:
@@ -125,6 +129,12 @@ class PassRunner:
             # glibc's heap fragment and RSS creep up with the data size (+26-43% at 16x the rows).
             buffer = None if keep or not self._pool else self._pool.pop()  # (empty unless recycle is on)
         x = self.to_device(rows, buffer)
+        # The read buffer is reused once its rows were copied out (not when x is a view of it).
+        if x.device.type != "cpu" or not np.shares_memory(x.numpy(), rows):
+            used = staging if staging is not None and np.shares_memory(rows, staging) else rows
+            with self._cache_lock:
+                if len(self._staging) < STAGING_BUFFERS:
+                    self._staging.append(used)
         if keep:
             with self._cache_lock:
                 self._cache[key] = x
@@ -195,6 +205,7 @@ class PassRunner:
         self._cache.clear()
         self._data_sums.clear()
         self._pool.clear()
+        self._staging.clear()
         self._streamed.clear()
 
 

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,7 @@ from dist_sae.config import Config, config_from_args
 from dist_sae.data.dataset import Dataset
 from dist_sae.data.storage import is_url
 from dist_sae.errors import CheckpointError, DataError
-from dist_sae.sae.model import CONFIG_FILE, MODEL_FILE
+from dist_sae.sae.model import CONFIG_FILE, MODEL_FILE, SparseAutoencoder
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,6 +28,10 @@ METRICS_FILE = "metrics.jsonl"
 
 
 SUMMARY_FILE = "run.json"
+
+
+
+LOCK_FILE = ".lock"  # flock()ed for the life of a run; empty
 
 
 
@@ -84,6 +93,86 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise CheckpointError(f"--resume: {run_dir} holds no run to resume; leave out --resume to start one")
     if not resume and holds_run and not overwrite:
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on RUN_DIR/.lock for the block: one run (or resume) per folder.
+
+    The lock file is created once, empty, and never written, truncated or removed afterwards (so
+    a refused run changes nothing, and no lock is taken on a file about to be unlinked). The lock
+    goes with the process: a killed run leaves no stale lock. A refused run names the holder from
+    the kernel's lock table (/proc/locks), not from anything the holder wrote.
+
+    Raises:
+        CheckpointError: another process holds the lock (naming its PID and host).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise CheckpointError(
+                f"{run_dir} is in use by another run ({_lock_holder(os.fstat(fd))} holds {path}); "
+                "wait for it to end, or give another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+
+def _lock_holder(st: os.stat_result) -> str:
+    """"PID n on host h" of the flock holder of a file, from /proc/locks (this host's lock table)."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":  # "->" lines are waiters, not holders
+            continue
+        major, minor, inode = parts[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            return f"PID {parts[4]} on host {socket.gethostname()}"
+    return "a process on another host"
+
+
+
+def check_shape(state: dict[str, Any], info: dict[str, Any], cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume with a model whose shape differs from the checkpoint's (--allow-change or not).
+
+    Raises:
+        CheckpointError: naming the change and how to start a new run from the checkpoint's weights.
+    """
+    saved = info.get("config", {}).get("model", {})
+    theta = state["theta"]
+    want = SparseAutoencoder.from_config(cfg).num_params
+    keys = ("visible", "hidden", "tied")
+    changes = [f"model.{k}: {saved.get(k)!r} -> {getattr(cfg.model, k)!r}" for k in keys if k in saved and saved[k] != getattr(cfg.model, k)]
+    if want == theta.numel() and not changes:
+        return
+    step = int(state["meta"]["step"])
+    raise CheckpointError(
+        f"cannot resume {run_dir}: the model's shape changed ({'; '.join(changes) or 'model layout'}: "
+        f"{theta.numel()} -> {want} parameters), and a checkpoint only continues its own model. "
+        f"Start a new run instead, from this run's step-{step} weights where they fit: "
+        f"`dist-sae train --out NEW_DIR --init {run_dir / CHECKPOINTS / f'step-{step:08d}' / 'theta.safetensors'} ...`"
+    )
+
+
+
+def finished_at(state: dict[str, Any], cfg: Config) -> str:
+    """Why a resumed run is already finished ("" if it is not): optim.steps reached, or converged."""
+    meta = state["meta"]
+    if int(meta["step"]) >= cfg.optim.steps:
+        return f"optim.steps={cfg.optim.steps} reached"
+    return "converged (L-BFGS met its tolerance)" if meta.get("converged") else ""
 
 
 

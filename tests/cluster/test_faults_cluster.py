@@ -171,7 +171,7 @@ def test_a_hung_worker_is_treated_as_dead_after_unit_timeout(session, reference,
     assert np.array_equal(theta, reference)
 
 
-def test_a_worker_dying_under_the_parameter_server_is_replaced(session, reference):
+def test_a_worker_dying_under_the_parameter_server_is_replaced(session, reference, caplog):
     wait_until_up(session.workers)
     stepper = session.stepper(initial_theta(session.cfg, None))
     ray.get(session.workers[0].inject_fault.remote(7, "exit"))
@@ -179,6 +179,10 @@ def test_a_worker_dying_under_the_parameter_server_is_replaced(session, referenc
         stepper.step()
     assert ray.get(session.server.worker_failures.remote()) == 1
     assert np.array_equal(stepper.theta(), reference)
+    # The driver says so, once (the server's own log stays in Ray's session logs).
+    lines = [r.getMessage() for r in caplog.records if r.name == "dist_sae.cluster.ray_session"]
+    assert len(lines) == 1 and lines[0].startswith("worker 0 failed: "), lines
+    assert "go to the other workers" in lines[0] and "99 restarts left" in lines[0], lines
 
 
 def _arm_when_training_starts(after_units: int, stop: threading.Event, skip: str) -> None:

@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import pytest
 import yaml
 
 import dist_sae
+
+from util import stop_session_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +116,7 @@ def head():
         _wait_for_job_server(url, token, proc, Path(temp_dir) / "ray-start.log")
         yield url, env
     finally:
-        _stop_group(proc)
+        stop_session_group(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -138,36 +139,6 @@ def _wait_for_job_server(url: str, token: str, proc: subprocess.Popen, log_path:
         except Exception:
             time.sleep(1.0)
     pytest.fail(f"the job server at {url} did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the head: SIGTERM, then SIGKILL, to every process of the session `ray start` leads.
-
-    `ray start` started the GCS, raylet, dashboard and every worker in its own session (the test
-    made it a session leader), so this ends exactly the processes this test started.
-    """
-    def members() -> list[int]:
-        pids = []
-        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-            try:
-                if os.getsid(pid) == proc.pid:
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
-
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in members():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, so it does not linger as a zombie
-            if not members():
-                return
-            time.sleep(0.1)
 
 
 def _submit(url: str, env: dict, extra: list[str], train_args: list[str]) -> str:
@@ -239,3 +210,54 @@ def test_a_client_without_the_token_is_refused(head):
     url, _ = head
     with pytest.raises(Exception):
         _client(url, "not-the-token").list_jobs()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_stop_mid_run_checkpoints_and_the_run_resumes_exactly(head, tmp_path, capsys):
+    """Stopping a job (`ray job stop`) sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s): the run
+    checkpoints in time, the job ends STOPPED, and --resume reaches the θ of the uninterrupted run."""
+    from ray.job_submission import JobStatus
+
+    from dist_sae.commands.main import main
+    from dist_sae.sae.model import load_model
+    from dist_sae.train.checkpoint import latest_checkpoint
+    from util import make_dataset, smooth_patches
+
+    url, env = head
+    data, out = tmp_path / "data", tmp_path / "run"
+    # Shards of whole units: the local engine (resume, reference) then sums the same units in the same order as Ray.
+    make_dataset(data, smooth_patches(600, seed=2), shard_rows=200, chunk_rows=100)
+    steps = 500  # far more than it gets to: `ray job stop` comes mid-run
+    args = ["--quiet", "model.hidden=[5]", "workers.num=2", "data.block_rows=100", "run.report=false", "compute.threads=1",
+            "run.checkpoint_every=7", "optim.tolerance_change=0", "optim.tolerance_grad=0"]
+    submission_id = f"dist-sae-stop-{secrets.token_hex(4)}"
+    subprocess.run(
+        [str(REPO / "scripts" / "submit.sh"), "--address", url, "--no-wait", "--submission-id", submission_id, "--",
+         "--data", str(data), "--out", str(out), *args, f"optim.steps={steps}"],
+        env=env, check=True, capture_output=True, text=True, timeout=120,
+    )
+    client = _client(url, env["RAY_AUTH_TOKEN"])
+    deadline = time.monotonic() + 150
+    metrics = out / "metrics.jsonl"
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 9:  # past the first checkpoint (7)
+        assert client.get_job_status(submission_id) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(submission_id)[-3000:]
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.2)
+    # What `ray job stop` does (the CLI calls this), without the CLI's seconds of start-up: the run
+    # is stopped while it is short, so that the uninterrupted reference below stays cheap.
+    client.stop_job(submission_id)
+    while client.get_job_status(submission_id) not in {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline + 60, "the job did not stop"
+        time.sleep(0.2)
+    assert client.get_job_status(submission_id) == JobStatus.STOPPED
+    logs = client.get_job_logs(submission_id)
+    assert "stopped on SIGTERM" in logs and "Traceback" not in logs, logs[-3000:]
+    done = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")][-1]
+    assert latest_checkpoint(out)[0]["meta"]["step"] == done < steps  # the last completed step, checkpointed in the grace period
+    # Resume to a few steps past the stop, and compare with an uninterrupted run of as many steps.
+    assert main(["train", "--resume", str(out), "--local", f"optim.steps={done + 3}"]) == 0, capsys.readouterr().err
+    assert main(["train", "--local", "--data", str(data), "--out", str(tmp_path / "ref"), *args, f"optim.steps={done + 3}"]) == 0
+    reference = load_model(tmp_path / "ref")[0].theta.detach().numpy()
+    theta = load_model(out)[0].theta.detach().numpy()
+    assert np.linalg.norm(theta - reference) <= 1e-10 * np.linalg.norm(reference)

@@ -1,0 +1,127 @@
+"""Memory from outside: peak RSS of the largest process, and of the whole process tree, of one
+`dist-sae evaluate` (local Ray, data.cache_mb=0: streaming) at 1x, 16x and 64x the rows.
+
+A sampler in this process reads /proc/<pid>/status (VmRSS) of the command and all its
+descendants (the driver, the raylet, the GCS, the workers) every --interval seconds: not
+ru_maxrss (it carries over fork+exec, and covers one process) nor one process's VmHWM. Streaming
+should not grow with the data: targets largest <= 1.10x at 16x and <= 1.15x at 64x, tree <= 1.10x.
+
+    python -m dist_sae.bench.rss_tree --rows 50000 --factors 1,16,64 --out bench_out/rss_tree.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dist_sae.bench.safety import emit
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ").strip()[:80]
+    except OSError:
+        return "?"
+
+
+def tree_rss(root: int) -> dict[int, float]:
+    """VmRSS (MB) of `root` and every descendant, by PID (Ray's processes are the driver's descendants)."""
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = _rss_mb(pid)
+        todo += _children(pid)
+    return out
+
+
+def run_sampled(cmd: list[str], interval: float) -> dict:
+    """Run `cmd`; the peak over time of its largest process's RSS and of its tree's total RSS."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    largest, tree, which = 0.0, 0.0, ""
+    while proc.poll() is None:
+        sample = tree_rss(proc.pid)
+        pid = max(sample, key=sample.get)
+        if sample[pid] > largest:
+            largest, which = sample[pid], _name(pid)
+        tree = max(tree, sum(sample.values()))
+        time.sleep(interval)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {proc.returncode}: {err[-2000:]}")
+    return {"largest_peak_mb": largest, "largest_process": which, "tree_peak_mb": tree, "seconds": time.perf_counter() - t0,
+            "J": json.loads(out)["J"]}
+
+
+def build(path: Path, rows: int, dim: int, seed: int) -> None:
+    from dist_sae.data.writer import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(path, dim, shard_rows=200_000, dtype="float32", chunk_rows=1024) as writer:
+        for start in range(0, rows, 50_000):
+            writer.write(rng.uniform(0.1, 0.9, size=(min(50_000, rows - start), dim)).astype(np.float32))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=50_000, help="rows at 1x")
+    parser.add_argument("--factors", default="1,16,64")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--interval", type=float, default=0.05, help="seconds between /proc samples")
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args(argv)
+    factors = [int(f) for f in args.factors.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dist_sae_rss_") as tmp:
+        from dist_sae.config import load_config
+        from dist_sae.sae.model import SparseAutoencoder, save_model
+
+        cfg = load_config(None, {"model.visible": args.dim, "model.hidden": [25]})
+        model = SparseAutoencoder.from_config(cfg)
+        model.reset_parameters(0)
+        save_model(model, Path(tmp) / "model", cfg)
+        for factor in factors:
+            data = Path(tmp) / f"{factor}x"
+            build(data, args.rows * factor, args.dim, seed=factor)
+            cmd = [sys.executable, "-m", "dist_sae", "evaluate", "--model", str(Path(tmp) / "model"), "--data", str(data), "--json",
+                   "data.cache_mb=0", f"workers.num={args.workers}", "compute.threads=1"]
+            results[f"{factor}x"] = {"rows": args.rows * factor, **run_sampled(cmd, args.interval)}
+    base = results[f"{factors[0]}x"]
+    report = {
+        "benchmark": "peak RSS from outside (largest process, whole tree) of `dist-sae evaluate` on a local Ray, streaming",
+        "results": results,
+        "ratios": {f"{k}_vs_{factors[0]}x": {"largest": r["largest_peak_mb"] / base["largest_peak_mb"],
+                                            "tree": r["tree_peak_mb"] / base["tree_peak_mb"]} for k, r in results.items()},
+    }
+    return emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
