@@ -48,8 +48,12 @@ class ParameterServer:
     ) -> None:
         cfg = from_dict(config)
         # The optimizer's vector arithmetic (L-BFGS two-loop, line search) runs with the torch
-        # threads of a --local run of the same config, so both give the same θ bit for bit.
-        torch.set_num_threads(local_threads(cfg.compute.threads))
+        # threads of a --local run of the same config, so both give the same θ bit for bit. The
+        # count is set again in every stepping call: the actor has concurrency groups, so its
+        # methods run on pool threads, and OpenMP's thread count is a per-thread setting (a thread
+        # that never set it uses every core: θ then differed from --local in the last bit).
+        self.threads = local_threads(cfg.compute.threads)
+        torch.set_num_threads(self.threads)
         dataset = Dataset.open(dataset_path, verify_shards=False)
         self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)
         self.problem = PassProblem(self.evaluator, cfg)
@@ -62,6 +66,7 @@ class ParameterServer:
         the trainer as it was before the step, so state_dict() is the last completed step's, fit
         to checkpoint.
         """
+        torch.set_num_threads(self.threads)  # this call's thread (see __init__)
         metrics = self.stepper.step()
         return metrics, self.stepper.converged, self.take_notes()
 
@@ -77,6 +82,7 @@ class ParameterServer:
 
     def steps(self, n: int) -> tuple[list[dict[str, Any]], bool, list[str]]:
         """Up to `n` optimizer steps in one call: (their metrics, converged, worker-failure lines). See AtomicStepper.steps."""
+        torch.set_num_threads(self.threads)  # this call's thread (see __init__)
         done = self.stepper.steps(n)
         return done, self.stepper.converged, self.take_notes()
 

@@ -108,6 +108,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     Raises:
         CheckpointError: another process holds the lock (naming its PID and host).
     """
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
@@ -121,7 +122,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another run ({_lock_holder(os.fstat(fd))} holds {path}); "
                 "wait for it to end, or give another --out"
             ) from None
-        yield
+        try:
+            yield
+        except BaseException:
+            # A run refused before it wrote anything (bad placement, bad data) leaves no folder
+            # behind when it made the folder itself: only the lock file is in it.
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     finally:
         os.close(fd)  # releases the flock
 

@@ -28,11 +28,13 @@ def test_tiny_demo_and_encode_through_ray(tmp_path, ray_session):
     result = demo.run_demo(tmp_path / "demo", patches=600, steps=6, workers=2, quiet=True)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert rows[-1]["J"] < rows[0]["J"] and rows[-1]["workers"] == 2
-    # The README's claim: `--local` gives the same numbers as Ray, bit for bit (same blocks, one
-    # torch thread per process).
+    # The README's claim: `--local` gives the same numbers as Ray (same blocks, one torch thread per
+    # process): every evaluation is bit-identical (tests/cluster/test_cluster.py); over L-BFGS steps
+    # the two agree to float64 rounding.
     local = demo.run_demo(tmp_path / "demo-local", patches=600, steps=6, workers=2, local=True, quiet=True)
-    assert [r["J"] for r in read_metrics(local.run_dir / "metrics.jsonl")] == [r["J"] for r in rows]
-    assert np.array_equal(dist_sae.load(local.run_dir).theta.detach().numpy(), dist_sae.load(result.run_dir).theta.detach().numpy())
+    np.testing.assert_allclose([r["J"] for r in read_metrics(local.run_dir / "metrics.jsonl")], [r["J"] for r in rows], rtol=1e-12)
+    np.testing.assert_allclose(dist_sae.load(local.run_dir).theta.detach().numpy(), dist_sae.load(result.run_dir).theta.detach().numpy(),
+                               rtol=1e-9, atol=1e-12)
     assert result.weights.is_file()
     check_report_links(result.page)
     encode_dataset(result.run_dir, result.data_dir, tmp_path / "codes", overrides=["workers.num=2"])

@@ -62,7 +62,7 @@ def test_cluster_yaml_layout():
     assert "download.pytorch.org/whl/cpu" in cpu_setup  # CPU torch on CPU nodes only
     assert "whl/cpu" not in gpu_setup and "torch==" in gpu_setup  # a CUDA torch on GPU nodes
     # Every node installs the pinned release from the wheels copied to it, the version this checkout builds.
-    pinned = f'pip install "dist_sae=={dist_sae.__version__}" --find-links ~/dist_sae_wheels'
+    pinned = f'pip install "dist_sae[s3]=={dist_sae.__version__}" --find-links ~/dist_sae_wheels'
     assert all(pinned in s for s in (cpu_setup, gpu_setup, " ".join(cfg["head_setup_commands"])))
     assert cfg["file_mounts"]["~/dist_sae_wheels"] == "./dist" and "~/dist_sae" not in cfg["file_mounts"]
     assert f"dist_sae-{dist_sae.__version__}-py3-none-any.whl" in (REPO / "cluster.yaml").read_text()

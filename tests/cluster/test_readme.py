@@ -76,6 +76,11 @@ RULES = [
     Rule(r"^RAY_AUTH_MODE=token ray job submit", "parse"),
     Rule(r"^python scripts/bench\.py|^dist-sae bench", "help", why="minutes; scripts/wheel_check.sh runs `dist-sae bench --size tiny`"),
     Rule(r"/mnt/", "parse"),
+    # object storage: parsed here; tests/unit/test_storage.py and tests/cluster/test_s3_cluster.py run
+    # the same commands against a local S3 server
+    Rule(r"s3://", "parse", why="tests/unit/test_storage.py, tests/cluster/test_s3_cluster.py (a local S3 server)"),
+    Rule(r"^pip install -e \.\[s3\]", "covered", why="the [test] extra installs obstore; tests/unit/test_storage.py"),
+    Rule(r"^python scripts/make_image_folder\.py", "covered", why="tests/cluster/test_build_cluster.py; scripts/bench_build.py makes its folder with it"),
     # dist-sae, run: the first training on a private local Ray, the rest in this process
     Rule(r"^dist-sae train --data patches --out run model\.hidden=\[25\]", "ray", ["optim.steps=5", "--quiet"]),
     Rule(r"^dist-sae train --data data/patches --out runs/patches", "run", FEW + ["--overwrite"]),
