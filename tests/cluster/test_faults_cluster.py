@@ -73,10 +73,14 @@ def settle(evaluator: RayEvaluator, theta: np.ndarray) -> None:
     A restarted worker rejoins when its probe answers during a pass; until then it gets no units,
     and a kill of a worker holding no units is a restart nobody observes.
     """
-    for _ in range(50):
+    # By time, not by a pass count: passes of this small dataset take milliseconds, a restart (a
+    # new process importing torch) seconds on a loaded machine.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         if not evaluator._probes and not evaluator._down:
             return
         evaluator.run("pass1", theta, evaluator.units)
+        time.sleep(0.05)
     raise AssertionError("a restarted worker never rejoined")
 
 
@@ -131,6 +135,9 @@ class KillAt:
 def test_workers_killed_at_random_points_do_not_change_the_result(session, reference):
     """10 seeded trials, each killing one worker mid-pass; θ must equal the no-fault θ bit for bit."""
     evaluator = session.problem.evaluator
+    # Plain on-demand dispatch: the end-of-pass rule may keep a worker it measured as slow idle, and
+    # a kill of an idle worker is a restart the pass never sees.
+    evaluator.balance = False
     results = []
     for seed in range(TRIALS):
         rng = np.random.default_rng(seed)
