@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+
+from dist_sae.bench.synthetic import write_synthetic
 
 from dist_sae.bench.safety import emit
 
@@ -79,15 +80,6 @@ def run_sampled(cmd: list[str], interval: float) -> dict:
             "J": json.loads(out)["J"]}
 
 
-def build(path: Path, rows: int, dim: int, seed: int) -> None:
-    from dist_sae.data.writer import DatasetWriter
-
-    rng = np.random.default_rng(seed)
-    with DatasetWriter(path, dim, shard_rows=200_000, dtype="float32", chunk_rows=1024) as writer:
-        for start in range(0, rows, 50_000):
-            writer.write(rng.uniform(0.1, 0.9, size=(min(50_000, rows - start), dim)).astype(np.float32))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=50_000, help="rows at 1x")
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_model(model, Path(tmp) / "model", cfg)
         for factor in factors:
             data = Path(tmp) / f"{factor}x"
-            build(data, args.rows * factor, args.dim, seed=factor)
+            write_synthetic(data, args.rows * factor, args.dim, seed=factor, shard_rows=200_000)
             cmd = [sys.executable, "-m", "dist_sae", "evaluate", "--model", str(Path(tmp) / "model"), "--data", str(data), "--json",
                    "data.cache_mb=0", f"workers.num={args.workers}", "compute.threads=1"]
             results[f"{factor}x"] = {"rows": args.rows * factor, **run_sampled(cmd, args.interval)}

@@ -212,7 +212,7 @@ class ClusterSession:
                 name=SERVER_NAME,
                 namespace=self.namespace,
                 num_cpus=0,  # it only adds sums and steps; the CPU slots are the workers'
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.driver_node_id(), soft=False),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.node_id(), soft=False),
             )
             .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
         )

@@ -204,7 +204,8 @@ def run_namespace() -> str:
     return f"{ACTOR_PREFIX}-{uuid.uuid4().hex[:10]}"
 
 
-def driver_node_id() -> str:
+def node_id() -> str:
+    """The Ray node this process runs on (the driver's, in the driver)."""
     return ray.get_runtime_context().get_node_id()
 
 

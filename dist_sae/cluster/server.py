@@ -20,6 +20,7 @@ from dist_sae.config import from_dict
 from dist_sae.data.dataset import Dataset, WorkUnit
 from dist_sae.train.passes import PassProblem, local_threads
 from dist_sae.train.optim import Trainer
+from dist_sae.cluster import runtime
 from dist_sae.cluster.evaluator import RayEvaluator
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,7 @@ class ParameterServer:
 
     def node_id(self) -> str | None:
         """The Ray node the server runs on (the driver's, by the session's placement)."""
-        from dist_sae.cluster.worker import _node_id
-
-        return _node_id()
+        return runtime.node_id()
 
     def progress(self) -> dict[str, Any]:
         """The running pass: {"seq", "kind", "rows", "done", "busy", "workers", "running"} (cluster.meter).
