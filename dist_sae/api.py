@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from dist_sae.data.dataset import Dataset
 from dist_sae.data.storage import shard_cache
 from dist_sae.train.inputs import bind_dataset, inherited_transform
 from dist_sae.train.passes import local_problem
-from dist_sae.errors import CheckpointError, ConfigError, Terminated
+from dist_sae.errors import CheckpointError, ConfigError
 from dist_sae.sae.model import CONFIG_FILE, SparseAutoencoder, load_model
 from dist_sae.sae.objective import Evaluation
 from dist_sae.train.loop import TrainResult, _loop
@@ -94,7 +93,7 @@ def _train_locked(cfg: Config, dataset: Dataset, run_dir: Path, writer_class, in
         if resumed_from["version"] != __version__:
             log.warning("resuming a checkpoint written by dist_sae %s with dist_sae %s", resumed_from["version"], __version__)
     theta0 = initial_theta(cfg, init)
-    session = open_session(cfg, dataset)
+    session = open_session(cfg, dataset, theta0)
     tensorboard = None
 
     def first_step():
@@ -126,7 +125,9 @@ def _train_locked(cfg: Config, dataset: Dataset, run_dir: Path, writer_class, in
         if tensorboard is not None:
             tensorboard.close()
         t = time.perf_counter()
-        session.close(fast=isinstance(sys.exc_info()[1], Terminated))  # SIGTERM: within the grace period
+        # Every file of the run is written (or, after SIGTERM, must be within the grace period): a
+        # private Ray is told to stop without ray.shutdown's wait for each process in turn (0.6 s).
+        session.close(fast=True)
         log.info("session closed in %.2fs", time.perf_counter() - t)
 
 

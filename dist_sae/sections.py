@@ -76,8 +76,14 @@ class SparsityConfig(Section):
     """Automatic refresh policy: decay of the running minibatch means that move ρ̂ between exact refreshes (0.5: about one step of lag; the minibatch noise it lets through is in the error measured at each refresh)."""
     ema_decay: float = Field(default=0.99, ge=0.0, lt=1.0)
     """Decay of the running ρ̂ average with rho_hat=ema."""
-    passes: Literal[1, 2] = 2
-    """2: pass 1 (ρ̂) then pass 2 (gradient). 1: one-pass exact gradient, only for KL on encoder layer 1 alone."""
+    passes: Literal["auto", 1, 2] = "auto"
+    """Passes over the data per exact evaluation. 2: pass 1 (ρ̂) then pass 2 (the gradient, ρ̂ fixed). 1: the one-pass exact gradient (the same J and ∇J to float64 rounding, one read of the data and one round trip), only for KL on encoder layer 1 alone. auto: 1 where it applies, else 2."""
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether exact evaluations take the one-pass gradient (passes=1, or auto where it applies)."""
+        applies = self.kind == "kl" and self.layers == [1]
+        return self.passes == 1 or (self.passes == "auto" and applies)
     clamp_eps: float = Field(default=1e-6, gt=0.0, lt=0.5)
     """ρ̂ is clamped to [ε, 1−ε] before KL; clamped units are counted in the metrics."""
     l1: float = Field(default=1e-3, ge=0.0)
@@ -183,7 +189,7 @@ class ComputeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda where a worker has a GPU assigned, else cpu."""
     threads: int = Field(default=0, ge=0)
-    """Torch intra-op threads per worker; 0: the worker's CPU share (all cores for a single process). Set 1 on a machine busy with other processes."""
+    """Torch intra-op threads per worker; 0: a Ray worker's CPU share, and for a single process all cores when a work unit is large (rows × parameters >= 2**25), else 1 (small products run faster on one thread). Set 1 on a machine busy with other processes."""
 
 
 class PoolConfig(Section):
@@ -221,6 +227,8 @@ class WorkersConfig(Section):
     """ray: parameter server and workers on Ray (a local Ray is started if no address). local: one process, no Ray."""
     address: str | None = None
     """Ray address: empty starts a local Ray bound to 127.0.0.1; 'auto' or HOST:PORT joins a running cluster."""
+    dashboard: bool = False
+    """Start Ray's dashboard (on 127.0.0.1; it also serves `ray list actors`) with the private local Ray of a run without an address. Off by default: it adds about 2.5 s to the start-up of every run."""
     num: int = Field(default=0, ge=0)
     """Number of workers; 0: one per CPU (per GPU when gpus_per_worker > 0)."""
     cpus_per_worker: float = Field(default=1.0, gt=0.0)

@@ -47,10 +47,14 @@ class LocalSession:
 
 
 
-def open_session(cfg: Config, dataset: Dataset):
-    """A LocalSession, or a Ray ClusterSession (same interface) by workers.engine."""
+def open_session(cfg: Config, dataset: Dataset, theta0: np.ndarray | None = None):
+    """A LocalSession, or a Ray ClusterSession (same interface) by workers.engine.
+
+    theta0: the θ0 the caller will ask `stepper` for, when known (a Ray session then starts its
+    parameter server together with its workers).
+    """
     if cfg.workers.engine == "local":
         return LocalSession(cfg, dataset)
     from dist_sae.cluster.ray_session import ClusterSession  # the only place the API reaches Ray
 
-    return ClusterSession(cfg, dataset)
+    return ClusterSession(cfg, dataset, theta0=theta0)

@@ -41,7 +41,6 @@ NOTES_SETTINGS = {
     "sparsity.kind": "kl",
     "sparsity.rho": 0.01,  # ρ
     "sparsity.beta": 3.0,  # β
-    "sparsity.passes": 2,  # exact two-pass ρ̂
     "optim.method": "lbfgs",
     "optim.steps": 400,  # the notes' maxIter
     "compute.dtype": "float64",

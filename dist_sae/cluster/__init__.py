@@ -5,6 +5,7 @@
     worker      Worker: a plain class that streams units through a train.passes.PassRunner
     launcher    WorkerLauncher: starts worker actors, and replacements for dead ones
     evaluator   RayEvaluator: runs a pass over the workers, reduced in the canonical order, surviving worker failures
+    recovery    the evaluator's failure handling: requeue, restart or replace a worker, or give up
     reduce      grouped and tree reductions: Ray tasks near the data form the canonical sum (workers.reduce)
     server      ParameterServer: a plain class owning θ and the optimizer (train.optim.Trainer)
     ray_session ClusterSession: composes the above into actors; what dist_sae.session opens

@@ -12,7 +12,7 @@ workers.unit_timeout_s loses only its unfinished units; they go back to the queu
 take them, so the pass still counts every unit once and its sum is the one without the failure.
 The worker is restarted by Ray or replaced by a new actor (when resources allow) and rejoins when
 it answers; past workers.max_restarts failures per run the pass gives up with a TrainingError
-(dispatch.FailurePolicy decides; this file only carries out its decisions).
+(dispatch.FailurePolicy decides; cluster/recovery.py carries out its decisions).
 """
 
 from __future__ import annotations
@@ -28,16 +28,19 @@ import numpy as np
 import ray
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
-from dist_sae.train.passes import PASS_KINDS
+from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.train.passes import PASS_KINDS, pass_units
 from dist_sae.errors import StorageError, TrainingError
 from dist_sae.sae.sums import OrderedReducer, Sums, unit_groups
 from dist_sae.cluster import runtime
 from dist_sae.cluster.reduce import LostResults, Reducers, RemoteReduction, nbytes, resolve_mode
-from dist_sae.cluster.dispatch import Action, Dispatcher, FailurePolicy, WorkerStatus
+from dist_sae.cluster.dispatch import Dispatcher, FailurePolicy
+from dist_sae.cluster.recovery import Recovery
 from dist_sae.cluster.meter import PassMeter
 
 log = logging.getLogger(__name__)
+
+Call = tuple[WorkUnit, ...]  # consecutive units sent to one worker in one message
 
 INLINE_THETA_BYTES = 64 * 1024  # θ up to this size travels inside each call (Ray inlines arguments under 100 KB)
 IN_FLIGHT = 2  # units per worker: one computing, one being read (the worker has max_concurrency=2)
@@ -58,7 +61,7 @@ def wire(unit: WorkUnit) -> tuple[int, int, int, int]:
     return (unit.id, unit.shard, unit.start, unit.stop)
 
 
-class RayEvaluator:
+class RayEvaluator(Recovery):
     """Passes over the data on Ray workers.
 
     Args:
@@ -86,11 +89,8 @@ class RayEvaluator:
         self.policy = FailurePolicy(cfg.workers.max_restarts, cfg.workers.unit_timeout_s)
         self.failures = 0  # worker failures in this run, all workers together
         self.last_live = len(self.workers)  # workers alive at the end of the last pass
-        self._probes: dict[Any, int] = {}  # info() call on a restarting/new worker -> its index
-        self._down: dict[int, bool] = {}  # workers not taking units: index -> running as a new actor
-        self._generation = [0] * len(self.workers)  # replacements started per worker index
-        self._stalled_since: float | None = None
-        self.units = dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)
+        self._init_recovery()
+        self.units = pass_units(cfg, dataset)
         self.rows = dataset.rows
         self.timeout_s = cfg.workers.unit_timeout_s
         self.last_counts: dict[int, int] = {}  # units each worker ran in the last pass
@@ -130,11 +130,14 @@ class RayEvaluator:
 
     # ---- passes --------------------------------------------------------------------------
 
-    def _results(self, units: list[WorkUnit], submit, below=None, seed: dict[int, int] | None = None) -> Iterator[tuple[WorkUnit, Any]]:
-        """Dispatch `units` on demand; yield (unit, result) as results arrive, each unit exactly once.
+    def _results(self, calls: list[Call], submit, below=None, seed: dict[int, int] | None = None) -> Iterator[tuple[Call, Any]]:
+        """Dispatch `calls` on demand; yield (call, result) as results arrive, each call exactly once.
+
+        A call is a run of consecutive units sent to one worker in one message (see `calls`), known
+        to the dispatcher by its first unit's id; a failed call is redone whole.
 
         Args:
-            submit: (worker index, unit) -> ObjectRef.
+            submit: (worker index, call) -> ObjectRef.
             below: optional () -> unit id bound for Dispatcher.assign.
             seed: unit id -> worker, for units no worker has run yet (affinity of the last pass wins).
 
@@ -142,11 +145,12 @@ class RayEvaluator:
             TrainingError: past workers.max_restarts worker failures, or no worker left.
             DistSaeError: what a unit raised (a DataError stays a DataError).
         """
-        by_id = {u.id: u for u in units}
+        by_id = {call[0].id: call for call in calls}
         live = [w for w in range(len(self.workers)) if w not in self._down]
-        rows = {u.id: u.rows for u in units} if below is None and self.balance else None  # not for ordered output
+        rows = {cid: sum(u.rows for u in call) for cid, call in by_id.items()} if below is None and self.balance else None  # not for ordered output
         dispatcher = Dispatcher(list(by_id), live, self.depth, {**(seed or {}), **self._affinity}, rows, self._rates)
         pending: dict[Any, tuple[int, int]] = {}
+        units_done = dict.fromkeys(live, 0)  # units (not calls) each worker ran
         while not dispatcher.done:
             for w, uid in dispatcher.assign(below() if below else None):
                 pending[submit(w, by_id[uid])] = (w, uid)
@@ -183,7 +187,9 @@ class RayEvaluator:
                     self._failed(w, f"work unit {uid}: {error}", dispatcher, pending)
                     continue
                 dispatcher.complete(w, uid)
-                self._affinity[uid] = w
+                for unit in by_id[uid]:
+                    self._affinity[unit.id] = w
+                units_done[w] = units_done.get(w, 0) + len(by_id[uid])
                 yield by_id[uid], result
             now = time.monotonic()
             for w in self.policy.hung(dispatcher.workers.values(), now):
@@ -192,95 +198,8 @@ class RayEvaluator:
                 self._failed(w, f"work unit {stuck} made no progress within workers.unit_timeout_s={self.timeout_s:g}s (hung)",
                              dispatcher, pending)
             self._check_stalled(dispatcher, now)
-        self.last_counts = dispatcher.counts()
+        self.last_counts = units_done
         self.last_live = len(dispatcher.live_workers)
-
-    # ---- failures (dispatch.FailurePolicy decides; these carry it out) ------------------------
-
-    def _wait_s(self, dispatcher: Dispatcher) -> float | None:
-        """How long ray.wait may block: until the next worker would count as hung, or no limit."""
-        deadlines = [self.policy.deadline(dispatcher.workers.values())]
-        if self._stalled_since is not None:
-            deadlines.append(self._stalled_since + self.timeout_s)
-        deadlines = [d for d in deadlines if d is not None]
-        return max(0.01, min(deadlines) - time.monotonic()) if deadlines else None
-
-    def _check_stalled(self, dispatcher: Dispatcher, now: float) -> None:
-        """Give up when no worker has been alive for unit_timeout_s (replacements cannot be placed)."""
-        if dispatcher.live_workers or dispatcher.done:
-            self._stalled_since = None
-        elif self._stalled_since is None:
-            self._stalled_since = now
-        elif now - self._stalled_since > self.timeout_s:
-            raise TrainingError(
-                f"no worker has been alive for workers.unit_timeout_s={self.timeout_s:g}s: {len(self._down)} failed and "
-                "their replacements did not start (does the cluster still have the CPUs/GPUs they need?)"
-            )
-
-    def _kill(self, worker: int) -> None:
-        """Kill a hung worker's process; Ray restarts it (its restarts permitting)."""
-        try:
-            ray.kill(self.workers[worker], no_restart=False)
-        except Exception as exc:  # already gone
-            log.debug("killing worker %d: %s", worker, exc)
-
-    def _failed(self, worker: int, why: str, dispatcher: Dispatcher, pending: dict[Any, tuple[int, int]]) -> None:
-        """Requeue a failed worker's units, forget its outstanding calls, then replace it or give up."""
-        requeued = dispatcher.worker_failed(worker)
-        self._rates.pop(worker, None)  # its replacement is measured afresh
-        for ref in [r for r, (w, _) in pending.items() if w == worker]:
-            del pending[ref]  # a late result of the failed worker is never counted
-        self._count_failure(dispatcher.workers[worker], why, requeued)
-        self._restart(worker)
-
-    def _count_failure(self, status: WorkerStatus, why: str, requeued: list[int]) -> None:
-        self.failures += 1
-        decision = self.policy.decide(status, self.failures)
-        if decision.action is Action.GIVE_UP:
-            raise TrainingError(f"worker {status.index} failed: {why}; {decision.reason}")
-        note = f"worker {status.index} failed: {why}; its unfinished units {requeued} go to the other workers; {decision.reason}; "
-        note += f"{self.policy.max_restarts - self.failures} restarts left"
-        self.notes.append(note)
-        log.warning("%s", note)
-
-    def _restart(self, worker: int, new_actor: bool = False) -> None:
-        """Wait (asynchronously) for the worker to come back: Ray's restart, or a new actor."""
-        if new_actor:
-            if self.launcher is None:
-                log.warning("worker %d cannot be replaced here (no launcher); the others carry on", worker)
-                self._down[worker] = True
-                return
-            try:
-                ray.kill(self.workers[worker])  # so Ray does not also bring the old one back
-            except Exception:
-                pass
-            self._generation[worker] += 1
-            self.workers[worker] = self.launcher.start(worker, self._generation[worker])
-        self._down[worker] = new_actor
-        # Answers once the actor is up again: retried while Ray restarts it (a plain call would fail
-        # at once with "the actor is restarting"), an error once it is dead for good, and pending
-        # while a replacement cannot be placed (its node is gone).
-        self._probes[self.workers[worker].info.options(max_task_retries=-1).remote()] = worker
-
-    def _probe_done(self, ref: Any, dispatcher: Dispatcher) -> None:
-        worker = self._probes.pop(ref)
-        new_actor = self._down[worker]
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            error = runtime.library_error(exc, f"restarting worker {worker}")
-            if not isinstance(error, TrainingError):
-                raise error from None  # its constructor failed (data unreachable, no GPU): a real error
-            if not new_actor:
-                self._restart(worker, new_actor=True)  # Ray will not bring it back: start a new actor
-                return
-            status = dispatcher.workers.get(worker) or WorkerStatus(worker, alive=False)
-            self._count_failure(status, f"its replacement did not start ({runtime.last_line(exc)})", [])
-            self._restart(worker, new_actor=True)
-            return
-        del self._down[worker]
-        dispatcher.worker_joined(worker)
-        log.info("worker %d is back and takes units again", worker)
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
         """The canonical float64 sum of a pass (pass1, pass2, onepass) over `units`, and timings.
@@ -305,9 +224,10 @@ class RayEvaluator:
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
         self.meter.start(kind, sum(u.rows for u in units), len(self.workers) - len(self._down))
 
-        def submit(w, unit):
+        def submit(w, call):
             if remote is None:
-                return self.workers[w].run.remote(kind, wire(unit), theta_key, theta_ref, g_key, g_arg)
+                return self.workers[w].run_many.remote(kind, [wire(u) for u in call], theta_key, theta_ref, g_key, g_arg)
+            unit, = call
             meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, wire(unit), theta_key, theta_ref, g_key, g_arg)
             return meta
 
@@ -337,8 +257,12 @@ class RayEvaluator:
                 bar.update(unit.rows)
 
         try:
-            for unit, result in self._results(units, submit, seed=self._group_seed(units, mode)):
-                consume(unit, result, bar)
+            # The server reduction takes consecutive small units in one call; grouped and tree
+            # keep each unit's sums in the store of the node that ran it, so one unit per call.
+            calls = self.calls(units) if remote is None else [(u,) for u in units]
+            for call, results in self._results(calls, submit, seed=self._group_seed(units, mode)):
+                for unit, result in zip(call, results if remote is None else [results]):
+                    consume(unit, result, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -353,6 +277,19 @@ class RayEvaluator:
         # each device kind ran per second.
         return total, {"io_s": timing["read_s"], "compute_s": timing["compute_s"], "wall_s": wall, "workers": self.last_live,
                        "reduce_s": busy, "reduce_bytes": received, **self.meter.finish()}
+
+    def calls(self, units: list[WorkUnit]) -> list[Call]:
+        """`units` cut into calls of consecutive units: one message to a worker and one reply per call.
+
+        Units smaller than data.block_rows (a dataset of many small shards, such as the notes'
+        10,000 patches in 10 shards) are merged, as long as every live worker still gets `depth`
+        calls (reading one while computing another); units of block_rows stay one per call. The
+        sums are still the units' own, reduced in the canonical order: only the messages change.
+        """
+        live = max(1, len(self.workers) - len(self._down))
+        rows = sum(u.rows for u in units)
+        count = min(len(units), max(self.depth * live, -(-rows // max(1, self.cfg.data.block_rows))))
+        return [tuple(units[i] for i in part) for part in np.array_split(np.arange(len(units)), count)] if count else []
 
     def _group_seed(self, units: list[WorkUnit], mode: str) -> dict[int, int] | None:
         """grouped/tree: give each reduction group to one live worker (group j -> the j-th, round
@@ -371,7 +308,7 @@ class RayEvaluator:
             except LostResults as lost:
                 log.warning("%s: the reduction lost unit results with their node (%s); rerunning units %s",
                             kind, lost, lost.units)
-                for unit, result in self._results([by_id[u] for u in lost.units], submit):
+                for (unit,), result in self._results([(by_id[u],) for u in lost.units], submit):
                     consume(unit, result, None)
         raise TrainingError(f"{kind}: the reduction failed more than workers.max_restarts={self.cfg.workers.max_restarts} times")
 
@@ -392,10 +329,10 @@ class RayEvaluator:
         def bound() -> int | None:
             return order[position + window].id if position + window < len(order) else None
 
-        def submit(w, unit):
-            return self.workers[w].transform.remote(kind, wire(unit), theta_key, theta_ref, layer)
+        def submit(w, call):
+            return self.workers[w].transform.remote(kind, wire(call[0]), theta_key, theta_ref, layer)
 
-        for unit, (got_id, out) in self._results(order, submit, bound):
+        for (unit,), (got_id, out) in self._results([(u,) for u in order], submit, bound):
             if got_id != unit.id:
                 raise TrainingError(f"worker returned unit {got_id} for unit {unit.id}")
             done[got_id] = out

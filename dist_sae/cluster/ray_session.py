@@ -159,10 +159,13 @@ class ClusterSession:
         cfg: the run's config (model.visible set, as session.open_session gets it).
         dataset: the opened dataset; its folder must be reachable from every node.
         worker_specs: one WorkerSpec per worker to place them by hand (overrides workers.num).
-        dashboard: start the dashboard (on 127.0.0.1) with a new local Ray.
+        dashboard: start the dashboard (on 127.0.0.1) with a new local Ray (None: workers.dashboard).
+        theta0: the θ0 that `stepper` will be asked for, when known: the parameter server then
+            starts together with the workers (its imports overlap theirs) instead of after them.
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset, worker_specs: list[WorkerSpec] | None = None, dashboard: bool = True) -> None:
+    def __init__(self, cfg: Config, dataset: Dataset, worker_specs: list[WorkerSpec] | None = None,
+                 dashboard: bool | None = None, theta0: np.ndarray | None = None) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.workers: list[Any] = []
         self.server: Any = None
@@ -171,7 +174,9 @@ class ClusterSession:
         self.dataset_path = dataset.url or str(Path(dataset.path).resolve())
         self._config = cfg.with_overrides({"data.path": self.dataset_path}).model_dump()
         requested = len(worker_specs) if worker_specs else (0 if cfg.workers.pools else cfg.workers.num)
+        dashboard = cfg.workers.dashboard if dashboard is None else dashboard
         self._ray = runtime.connect(cfg.workers, dashboard=dashboard, num_cpus=_local_cpus(requested, cfg.workers))
+        self._server_theta0: np.ndarray | None = None  # θ0 of a started server no stepper has taken yet
         try:
             resources = ray.cluster_resources()
             check_placement(cfg, resources)
@@ -179,6 +184,8 @@ class ClusterSession:
             self.namespace = runtime.run_namespace()
             self.launcher = WorkerLauncher(self._config, self.dataset_path, self.namespace, list(specs))
             self.workers = [self.launcher.start(i) for i in range(len(specs))]
+            if theta0 is not None:
+                self._start_server(theta0)
             # Surfaces constructor errors (no GPU, unreadable data) before any work is sent.
             self.worker_info = runtime.get(
                 [w.info.remote() for w in self.workers], "starting the workers", timeout=cfg.workers.unit_timeout_s
@@ -197,6 +204,14 @@ class ClusterSession:
 
     def stepper(self, theta0: np.ndarray) -> RemoteStepper:
         """A trainer on a ParameterServer actor on the driver's node, starting from θ0."""
+        theta0 = np.asarray(theta0, dtype=np.float64)
+        if self._server_theta0 is None or not np.array_equal(self._server_theta0, theta0):
+            self._start_server(theta0)
+        self._server_theta0 = None  # the next stepper gets a fresh server
+        return RemoteStepper(self.server, bars=getattr(self.problem.evaluator, "progress", None))
+
+    def _start_server(self, theta0: np.ndarray) -> None:
+        """(Re)start the ParameterServer actor from θ0; returns at once (its constructor runs on its own)."""
         parts = self.cfg.optim.batch_parts or self.num_workers
         batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
         if self.server is not None:
@@ -216,7 +231,7 @@ class ClusterSession:
             )
             .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
         )
-        return RemoteStepper(self.server, bars=getattr(self.problem.evaluator, "progress", None))
+        self._server_theta0 = np.array(theta0, dtype=np.float64)
 
     def close(self, fast: bool = False) -> None:
         """Kill the actors this session made; shut Ray down only if this session started it.

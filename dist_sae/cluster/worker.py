@@ -171,6 +171,11 @@ class Worker:
             t3 = time.perf_counter()
         return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
 
+    def run_many(self, kind: str, units: list[tuple[int, int, int, int]], *context: Any) -> list[tuple[int, Sums, dict[str, float]]]:
+        """`run` for each of several units (context: its theta_key, theta, g_key, g), answered in one
+        reply: the evaluator merges small units into one call (RayEvaluator.calls)."""
+        return [self.run(kind, unit, *context) for unit in units]
+
     def run_kept(self, kind: str, unit: tuple[int, int, int, int], *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
         """`run` (context: its theta_key, theta, g_key, g), with the sums as a second return value:
         called with num_returns=2, they stay in this node's object store for the grouped or tree

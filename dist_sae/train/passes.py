@@ -22,7 +22,7 @@ from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
 from dist_sae.data.reader import BlockReader, prefetch
 from dist_sae.data.storage import shard_cache
 from dist_sae.errors import TrainingError
-from dist_sae.sae.model import SparseAutoencoder
+from dist_sae.sae.model import SparseAutoencoder, layer_sizes
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
 from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
 from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
@@ -223,11 +223,11 @@ class Evaluator(Protocol):
 class LocalEvaluator:
     """Runs passes in this process: blocks are read ahead in a thread and reduced in unit order."""
 
-    def __init__(self, runner: PassRunner, block_rows: int, prefetch_depth: int = 2) -> None:
+    def __init__(self, runner: PassRunner, prefetch_depth: int = 2) -> None:
         self.runner = runner
         self.runner.recycle = True  # every block run() and map_units() load is released after use
         self.prefetch_depth = prefetch_depth
-        self.units = runner.dataset.units(block_rows, min_units=PASS_MIN_UNITS, taper=runner.cfg.data.taper)  # cut as RayEvaluator cuts
+        self.units = pass_units(runner.cfg, runner.dataset)
         self.rows = runner.dataset.rows
         self._version = 0
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
@@ -284,7 +284,7 @@ class PassProblem:
         self.decay = weight_decay_vector(self.layout, self.obj)
         self.rows = evaluator.rows
         self.units = evaluator.units
-        self.passes = cfg.sparsity.passes
+        self.one_pass = cfg.sparsity.one_pass
 
     def _run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g=None) -> tuple[Sums, dict[str, float]]:
         sums, timing = self.evaluator.run(kind, theta, units, g)
@@ -310,7 +310,7 @@ class PassProblem:
         units = units or self.units
         stats: dict[str, float] = {}
         pass1_timing: dict[str, float] = {}
-        if state is None and self.obj.uses_rho_hat and self.passes == 1:
+        if state is None and self.obj.uses_rho_hat and self.one_pass:
             sums, timing = self._run("onepass", theta, units)
             state = sparsity_state(self.obj, split_layers(sums["act"] / sums["rows"], self.layout.hidden))
             stats["pass2_s"] = timing["wall_s"]
@@ -354,23 +354,44 @@ def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[Work
     return batches
 
 
-def local_threads(requested: int) -> int:
-    """Torch threads of the single-process engine: compute.threads, else all the cores torch sees.
+SMALL_UNIT_WORK = 2**25  # rows × parameters of a work unit under which one torch thread is faster
 
-    Deliberately not adapted to the machine's load: the thread count changes the float summation
-    order inside matrix products, so a load-dependent default would make two runs of the same
-    config differ in their last bits (and L-BFGS amplifies that over hundreds of steps). On a
-    machine shared with other busy processes set compute.threads=1: intra-op threads that share
-    their cores spin-wait on each other (measured up to 40× slower on a busy 2-core machine, where
-    2 threads are 1.6× faster than 1 on a quiet one; see the README's performance section).
+
+def local_threads(cfg: Config, dataset: Dataset) -> int:
+    """Torch threads of the single-process engine: compute.threads, else by the size of a work unit.
+
+    Intra-op threads pay only on large products: on the notes' exercise (10,000 rows cut into
+    1,000-row units, 64-25-64) an exact evaluation took 26.5 ms with 2 threads and 17.1 ms with 1
+    on a quiet 2-core machine (float32: 66.7 and 9.5 ms), while 784-1024-784 on 4,096-row units
+    runs 1.7× faster on 2. So 0 means all the cores torch sees when a unit's rows × the model's
+    parameters reach SMALL_UNIT_WORK (the largest pass unit, or the minibatch), else 1.
+
+    A function of the config and the data only, deliberately not of the machine's load: the thread
+    count changes the float summation order inside matrix products, so a load-dependent choice
+    would make two runs of the same config differ in their last bits (and L-BFGS amplifies that
+    over hundreds of steps). On a machine shared with other busy processes set compute.threads=1:
+    intra-op threads that share their cores spin-wait on each other (measured up to 40× slower on
+    a busy 2-core machine; see the README's performance section).
     """
-    return requested if requested > 0 else TORCH_DEFAULT_THREADS
+    if cfg.compute.threads > 0:
+        return cfg.compute.threads
+    rows = max((u.rows for u in pass_units(cfg, dataset)), default=0)
+    if not cfg.optim.full_batch:
+        rows = min(rows, cfg.optim.batch_size)
+    sizes = layer_sizes(cfg.model.visible, cfg.model.hidden)
+    params = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    return 1 if rows * params < SMALL_UNIT_WORK else TORCH_DEFAULT_THREADS
+
+
+def pass_units(cfg: Config, dataset: Dataset) -> list[WorkUnit]:
+    """The work units of a full pass, cut the same way by every engine."""
+    return dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)
 
 
 def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> PassProblem:
     """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
-    threads = local_threads(cfg.compute.threads)
+    threads = local_threads(cfg, dataset)
     if threads != torch.get_num_threads():
         log.info("single-process engine: %d torch thread(s) (compute.threads=%d)", threads, cfg.compute.threads)
     runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads, backward)
-    return PassProblem(LocalEvaluator(runner, cfg.data.block_rows, cfg.data.prefetch), cfg)
+    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch), cfg)

@@ -14,7 +14,7 @@ import pytest
 
 from dist_sae.session import LocalSession, initial_theta
 from dist_sae.api import train
-from dist_sae.data.dataset import Dataset
+from dist_sae.data.dataset import Dataset, WorkUnit
 from dist_sae.train.passes import LocalEvaluator, PassProblem, PassRunner, local_problem
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.errors import ConfigError, DataError
@@ -215,14 +215,37 @@ def test_actors_are_named_and_the_server_sits_on_the_driver_node(ray_session, se
 @pytest.mark.ray
 def test_onepass_equals_twopass_on_ray(sessions, data):
     session = sessions(2)
-    one = session.cfg.with_overrides({"sparsity.passes": 1})
-    two_pass, one_pass = session.problem, PassProblem(session.problem.evaluator, one)
+    one, two = (session.cfg.with_overrides({"sparsity.passes": n}) for n in (1, 2))
+    two_pass, one_pass = PassProblem(session.problem.evaluator, two), PassProblem(session.problem.evaluator, one)
     theta = initial_theta(one, None)
     ref = local_problem(one, Dataset.open(data)).evaluate(theta)
     ev1, ev2 = one_pass.evaluate(theta), two_pass.evaluate(theta)
     assert "pass1_s" not in ev1.stats and "pass1_s" in ev2.stats  # one-pass read the data once
     assert rel(ev1.grad, ev2.grad) <= RTOL and rel(ev1.grad, ref.grad) <= RTOL
     assert abs(ev1.loss - ev2.loss) <= RTOL * abs(ev2.loss)
+
+
+@pytest.mark.ray
+def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data):
+    cfg = ray_config(data, workers__num=2, data__block_rows=10)  # 103 units of up to 10 rows
+    session = ClusterSession(cfg, Dataset.open(data))
+    try:
+        evaluator = session.problem.evaluator
+
+        def cut(rows: list[int]) -> list[list[int]]:
+            return [[u.id for u in call] for call in evaluator.calls([WorkUnit(i, 0, 0, r) for i, r in enumerate(rows)])]
+
+        assert cut([2] * 12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]  # 24 rows: 4 calls, 2 per worker
+        assert cut([10] * 4) == [[0], [1], [2], [3]]  # units of block_rows rows: one per call
+        assert len(cut([10] * 30)) == 30
+        assert len(evaluator.calls(evaluator.units)) == 100  # the 3-row shard tails travel with a neighbour
+        theta = initial_theta(cfg, None)
+        ref = local_problem(cfg, Dataset.open(data)).evaluate(theta)
+        ev = session.problem.evaluate(theta)
+        assert sum(evaluator.last_counts.values()) == len(evaluator.units)  # units, not calls, are counted
+        assert ev.loss == ref.loss and np.array_equal(ev.grad, ref.grad)
+    finally:
+        session.close()
 
 
 SLOW = (WorkerSpec(delay_s=0.05), WorkerSpec())
@@ -245,7 +268,7 @@ def test_slow_worker_does_fewer_units_and_the_result_is_unchanged(sessions, data
 def test_map_units_yields_in_unit_order_like_the_local_evaluator(sessions, data):
     session = sessions(2, SLOW, data__block_rows=16)  # results arrive out of order
     theta = initial_theta(session.cfg, None)
-    local = LocalEvaluator(PassRunner(session.cfg, Dataset.open(data)), session.cfg.data.block_rows)
+    local = LocalEvaluator(PassRunner(session.cfg, Dataset.open(data)))
     try:
         units = session.problem.evaluator.units
         got = list(session.problem.evaluator.map_units("encode", theta, units, layer=1))

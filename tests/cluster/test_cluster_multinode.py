@@ -104,10 +104,10 @@ def test_mixed_pools_both_kinds_take_units_and_equal_single_process(two_nodes, t
         stepper.bars = lambda kind, rows: drawn.append((kind, rows)) or progress.bar(rows, kind, quiet=True)
         stepper.poll_s = 0.005  # the step is short here: poll often, so the bars see its passes
         metrics = stepper.step()
-        assert drawn and {kind for kind, _ in drawn} <= {"pass1", "pass2"} and {rows for _, rows in drawn} == {ds.rows}
+        assert drawn and {kind for kind, _ in drawn} == {"onepass"} and {rows for _, rows in drawn} == {ds.rows}
         assert metrics["rows_per_s_gpu"] > 0 and metrics["rows_per_s_cpu"] > 0 and "tail_s" in metrics
         snap = ray.get(session.server.progress.remote())
-        assert snap["kind"] == "pass2" and snap["done"] == snap["rows"] == ds.rows and not snap["running"]
+        assert snap["kind"] == "onepass" and snap["done"] == snap["rows"] == ds.rows and not snap["running"]
         assert snap["workers"] == 3
     finally:
         session.close()

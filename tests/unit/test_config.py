@@ -13,7 +13,15 @@ from dist_sae.errors import ConfigError
 def test_defaults_are_the_notes_exercise():
     cfg = Config()
     assert (cfg.model.hidden, cfg.sparsity.rho, cfg.sparsity.beta, cfg.loss.weight_decay) == ([25], 0.01, 3.0, 1e-4)
-    assert (cfg.optim.method, cfg.optim.steps, cfg.sparsity.passes) == ("lbfgs", 400, 2)
+    assert (cfg.optim.method, cfg.optim.steps, cfg.sparsity.passes) == ("lbfgs", 400, "auto")
+
+
+def test_one_pass_is_the_default_exactly_where_it_applies():
+    assert Config().sparsity.one_pass  # KL on layer 1
+    assert not Config().with_overrides(["sparsity.passes=2"]).sparsity.one_pass
+    deep = Config().with_overrides(["model.hidden=[8,4]", "sparsity.layers=[2]"]).sparsity
+    assert deep.passes == "auto" and not deep.one_pass
+    assert not Config().with_overrides(["sparsity.kind=l1"]).sparsity.one_pass
 
 
 def test_yaml_file_and_dotted_overrides(tmp_path):

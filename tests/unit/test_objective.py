@@ -115,8 +115,10 @@ def test_results_independent_of_block_size_and_shard_split(tmp_path):
 
 def test_one_pass_equals_two_pass(tmp_path):
     make_dataset(tmp_path / "d", random_rows(150, 8, seed=6), shard_rows=60)
-    two, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[5], data__block_rows=32), tmp_path / "d")
+    two, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[5], data__block_rows=32, sparsity__passes=2), tmp_path / "d")
     one, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[5], data__block_rows=32, sparsity__passes=1), tmp_path / "d")
+    auto, _, _ = evaluate_engine(config(tmp_path / "d", model__hidden=[5], data__block_rows=32), tmp_path / "d")
+    assert auto.loss == one.loss and np.array_equal(auto.grad, one.grad)  # the default takes one pass here
     assert one.loss == pytest.approx(two.loss, rel=1e-12)
     np.testing.assert_allclose(one.grad, two.grad, rtol=1e-12, atol=1e-15)
     assert "pass1_s" in two.stats and "pass1_s" not in one.stats  # one-pass really skipped pass 1
