@@ -123,3 +123,17 @@ def test_l1_and_two_layer_blocks_give_the_same_bits_with_a_workspace():
                                   (pass1_block(model, x), pass1_block(model, x, ws))):
                 for key in fresh:
                     assert np.array_equal(fresh[key], reused[key]), (hidden, kind, key)
+
+
+def test_the_memory_benchmark_samples_the_whole_process_tree_from_outside():
+    """rss_tree's sampler sees a grandchild's memory (as a Ray worker's, under the evaluate command)."""
+    import sys
+
+    from dist_sae.bench.rss_tree import run_sampled
+
+    child = "import time; x = bytearray(150 << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(1.0)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True); print('done')"
+    got = run_sampled([sys.executable, "-c", parent], interval=0.05)
+    assert got["stdout"].strip() == "done"
+    assert got["largest_peak_mb"] >= 150 and "bytearray" in got["largest_process"]  # the grandchild, not the parent
+    assert got["tree_peak_mb"] >= got["largest_peak_mb"] + 1  # the parent counted too
