@@ -9,7 +9,8 @@
     exercise     the notes' exercise through `dist-sae train` vs the peer
     peer         the NumPy + SciPy peer (`python -m dist_sae.bench.peer`)
     ray_startup  Ray start-up alone (`python -m dist_sae.bench.ray_startup`)
-    rss          peak RSS at 1x and 16x rows; its child is `python -m dist_sae.bench.rss_child`
+    rss          the suite's memory ratios: peak RSS from outside the process tree at 1x, 16x, 64x rows
+    rss_tree     its /proc sampler of `dist-sae evaluate` on a local Ray (`scripts/bench_memory.py`)
 
 Kept free of imports here: the child processes import this package, and the peer's must not load torch.
 """

@@ -1,32 +1,30 @@
-"""Memory: peak RSS of one worker evaluating 16x the data / 1x, each in a fresh process.
+"""Memory for the suite: peak RSS from outside the process tree (rss_tree's /proc sampler) of
+`dist-sae evaluate` on a local Ray with streaming (data.cache_mb=0), at 1x, 16x and 64x the rows.
 
-    rss_16x_vs_1x   VmHWM of `python -m dist_sae.bench.rss_child` on 16x the rows / on 1x
+    rss_16x_vs_1x        the largest process (a Ray worker) at 16x the rows / at 1x
+    rss_64x_vs_1x        the same at 64x (when 64 is among the factors)
+    rss_tree_16x_vs_1x   the whole process tree (driver, raylet, GCS, workers) at 16x / 1x
+    rss_tree_64x_vs_1x   the same at 64x
+
+Not ru_maxrss and not one process's VmHWM: Ray's processes are the evaluate command's descendants,
+and the one that grows with the data is a worker, not the driver.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dist_sae.bench.child import run_json
-from dist_sae.bench.timing import med
-from dist_sae.data.dataset import Dataset
+from dist_sae.bench.rss_tree import measure
 
 
-def measure_rss(path: Path, cache_mb: int) -> dict:
-    """One exact evaluation of `path` in a fresh process: rows, J, seconds, peak_rss_mb (see rss_child)."""
-    return run_json("dist_sae.bench.rss_child", path, cache_mb)
+def bench_rss(rows: int, factors: tuple[int, ...] = (1, 16, 64), reps: int = 1, workers: int = 2) -> dict:
+    """rss_tree.measure at `rows` x each factor (the first is the base), with the suite's ratios under "suite_ratios".
 
-
-def bench_rss(small: Path, large: Path, reps: int) -> dict:
-    """Peak RSS of a fresh process evaluating J, ∇J once, at 1x and 16x rows, with and without the cache."""
-    out: dict = {}
-    for cache_mb in (0, 512):
-        runs: dict[str, list[float]] = {"1x": [], "16x": []}
-        for r in range(reps):
-            for name, path in (("1x", small), ("16x", large))[:: 1 if r % 2 == 0 else -1]:
-                runs[name].append(measure_rss(path, cache_mb)["peak_rss_mb"])
-        out[f"cache_mb_{cache_mb}"] = {"peak_rss_mb": {k: med(v) for k, v in runs.items()},
-                                       "ratio": med(runs["16x"]) / med(runs["1x"])}
-    out["rows"] = {"1x": Dataset.open(small).rows, "16x": Dataset.open(large).rows}
-    out["data_mb_as_float64"] = {k: v * 64 * 8 / 2**20 for k, v in out["rows"].items()}
-    return out
+    Blocks of data.block_rows (16384) unless the base is smaller than 4 of them: then a quarter of
+    the base, so that every factor streams blocks of one size (see rss_tree.measure).
+    """
+    report = measure(rows, factors, workers=workers, reps=reps, block_rows=min(16384, max(64, rows // 4)))
+    ratios: dict[str, float] = {}
+    for factor in factors[1:]:
+        r = report["ratios"][f"{factor}x_vs_{factors[0]}x"]
+        ratios[f"rss_{factor}x_vs_{factors[0]}x"] = r["largest"]
+        ratios[f"rss_tree_{factor}x_vs_{factors[0]}x"] = r["tree"]
+    return {**report, "suite_ratios": ratios}

@@ -7,6 +7,8 @@ ru_maxrss (it carries over fork+exec, and covers one process) nor one process's 
 should not grow with the data: targets largest <= 1.10x at 16x and <= 1.15x at 64x, tree <= 1.10x.
 
     python -m dist_sae.bench.rss_tree --rows 50000 --factors 1,16,64 --out bench_out/rss_tree.json
+
+The suite's rss ratios come from `measure` too (dist_sae.bench.rss).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-
-from dist_sae.bench.synthetic import write_synthetic
+import numpy as np
 
 from dist_sae.bench.safety import emit
+from dist_sae.bench.synthetic import write_synthetic
 
 
 def _children(pid: int) -> list[int]:
@@ -61,7 +63,7 @@ def tree_rss(root: int) -> dict[int, float]:
 
 
 def run_sampled(cmd: list[str], interval: float) -> dict:
-    """Run `cmd`; the peak over time of its largest process's RSS and of its tree's total RSS."""
+    """Run `cmd`; the peak over time of its largest process's RSS and of its tree's total RSS (MB), and its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -77,7 +79,55 @@ def run_sampled(cmd: list[str], interval: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} exited {proc.returncode}: {err[-2000:]}")
     return {"largest_peak_mb": largest, "largest_process": which, "tree_peak_mb": tree, "seconds": time.perf_counter() - t0,
-            "J": json.loads(out)["J"]}
+            "stdout": out}
+
+
+def measure(rows: int, factors: tuple[int, ...] = (1, 16, 64), dim: int = 64, workers: int = 2, interval: float = 0.05,
+            reps: int = 1, block_rows: int = 16384) -> dict:
+    """Peak RSS from outside (largest process, whole tree) of `dist-sae evaluate` at rows x each factor.
+
+    Each factor's dataset is written once; with reps > 1 the runs go round by round in alternating
+    order (load from other processes falls on every factor alike) and the peaks are medians.
+    Give the base a few blocks (rows >= 4 * block_rows): below one block, 1x runs smaller blocks
+    than 16x, and the ratio shows the block size (a fixed cost), not growth with the data.
+    Returns {"benchmark", "results": {"16x": {...}}, "ratios": {"16x_vs_1x": {"largest", "tree"}}, "loadavg"}.
+    """
+    factors = tuple(factors)
+    runs: dict[int, list[dict]] = {f: [] for f in factors}
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="dist_sae_rss_") as tmp:
+        from dist_sae.config import load_config
+        from dist_sae.sae.model import SparseAutoencoder, save_model
+
+        cfg = load_config(None, {"model.visible": dim, "model.hidden": [25]})
+        model = SparseAutoencoder.from_config(cfg)
+        model.reset_parameters(0)
+        save_model(model, Path(tmp) / "model", cfg)
+        for factor in factors:
+            write_synthetic(Path(tmp) / f"{factor}x", rows * factor, dim, seed=factor, shard_rows=200_000)
+        for r in range(reps):
+            for factor in factors if r % 2 == 0 else factors[::-1]:
+                cmd = [sys.executable, "-m", "dist_sae", "evaluate", "--model", str(Path(tmp) / "model"),
+                       "--data", str(Path(tmp) / f"{factor}x"), "--json", "data.cache_mb=0", f"data.block_rows={block_rows}", f"workers.num={workers}", "compute.threads=1"]
+                run = run_sampled(cmd, interval)
+                runs[factor].append({**{k: v for k, v in run.items() if k != "stdout"}, "J": json.loads(run["stdout"])["J"]})
+    results = {}
+    for factor, got in runs.items():
+        largest = [g["largest_peak_mb"] for g in got]
+        results[f"{factor}x"] = {
+            "rows": rows * factor, "largest_peak_mb": float(np.median(largest)), "tree_peak_mb": float(np.median([g["tree_peak_mb"] for g in got])),
+            "largest_process": got[int(np.argsort(largest)[len(largest) // 2])]["largest_process"],
+            "seconds": float(np.median([g["seconds"] for g in got])), "J": got[0]["J"], "runs": got,
+        }
+    base = results[f"{factors[0]}x"]
+    return {
+        "benchmark": "peak RSS from outside (largest process, whole tree) of `dist-sae evaluate` on a local Ray, streaming",
+        "settings": {"dim": dim, "workers": workers, "interval_s": interval, "reps": reps, "data.cache_mb": 0, "data.block_rows": block_rows},
+        "results": results,
+        "ratios": {f"{k}_vs_{factors[0]}x": {"largest": r["largest_peak_mb"] / base["largest_peak_mb"],
+                                            "tree": r["tree_peak_mb"] / base["tree_peak_mb"]} for k, r in results.items()},
+        "loadavg": {"start": load_start, "end": os.getloadavg()},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,32 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between /proc samples")
+    parser.add_argument("--reps", type=int, default=1, help="runs per factor (medians), in alternating order")
+    parser.add_argument("--block-rows", type=int, default=16384, help="data.block_rows of the evaluations")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
-    factors = [int(f) for f in args.factors.split(",")]
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="dist_sae_rss_") as tmp:
-        from dist_sae.config import load_config
-        from dist_sae.sae.model import SparseAutoencoder, save_model
-
-        cfg = load_config(None, {"model.visible": args.dim, "model.hidden": [25]})
-        model = SparseAutoencoder.from_config(cfg)
-        model.reset_parameters(0)
-        save_model(model, Path(tmp) / "model", cfg)
-        for factor in factors:
-            data = Path(tmp) / f"{factor}x"
-            write_synthetic(data, args.rows * factor, args.dim, seed=factor, shard_rows=200_000)
-            cmd = [sys.executable, "-m", "dist_sae", "evaluate", "--model", str(Path(tmp) / "model"), "--data", str(data), "--json",
-                   "data.cache_mb=0", f"workers.num={args.workers}", "compute.threads=1"]
-            results[f"{factor}x"] = {"rows": args.rows * factor, **run_sampled(cmd, args.interval)}
-    base = results[f"{factors[0]}x"]
-    report = {
-        "benchmark": "peak RSS from outside (largest process, whole tree) of `dist-sae evaluate` on a local Ray, streaming",
-        "results": results,
-        "ratios": {f"{k}_vs_{factors[0]}x": {"largest": r["largest_peak_mb"] / base["largest_peak_mb"],
-                                            "tree": r["tree_peak_mb"] / base["tree_peak_mb"]} for k, r in results.items()},
-    }
-    return emit(report, args.out)
+    factors = tuple(int(f) for f in args.factors.split(","))
+    return emit(measure(args.rows, factors, args.dim, args.workers, args.interval, args.reps, args.block_rows), args.out)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ class Worker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "node_id": _node_id(),
+            "buffers": self.runner.buffers_made(),  # bounded, however many units this worker ran
         }
 
     def _set_theta(self, theta: np.ndarray | bytes, theta_key: object) -> None:
@@ -169,6 +170,7 @@ class Worker:
             if self.delay_s:
                 time.sleep(self.delay_s)
             t3 = time.perf_counter()
+        self.runner.release(block)  # its buffers are reused by the next load (the sums do not refer to it)
         return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
 
     def run_many(self, kind: str, units: list[tuple[int, int, int, int]], *context: Any) -> list[tuple[int, Sums, dict[str, float]]]:
@@ -195,6 +197,7 @@ class Worker:
             out = self.runner.transform(kind, block, layer)
             if self.delay_s:
                 time.sleep(self.delay_s)
+        self.runner.release(block)
         return unit.id, out
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 The same surrogate-loss gradient as autograd (checked to 1e-12 in float64 by the tests) without
 building a graph, with every dW written by one matmul straight into one flat gradient buffer, and in
 one-pass mode the layer-1 f′(z) of the backward reused for S_W (one stacked matmul gives ∇W1 and
-S_W). Pass 2 measured 1.36× faster than autograd on the notes' 64-25-64 model and 1.13× on
+S_W), and every (B, h) intermediate written into a reused Workspace. Pass 2 measured 1.36× faster than autograd on the notes' 64-25-64 model and 1.13× on
 784-1024-784 (the benchmark suite). Shapes it does not cover (tied, top-k or unit-norm decoders,
 AuxK, satlin) take autograd.
 """
@@ -37,6 +37,41 @@ def use_handwritten(model: SparseAutoencoder, obj: Objective, backward: str = "a
     if backward == "handwritten" and not supported:
         raise ValueError("backward=handwritten does not cover this model (tied, top-k, unit-norm decoder, AuxK or satlin)")
     return supported
+
+
+class Workspace:
+    """Scratch tensors, one per name, that a block's (B, h) intermediates are written into, block after block.
+
+    A fresh (B, h) tensor per intermediate and block made RSS grow with the number of blocks under
+    glibc's default allocator: they come from the heap (a thread's arena in a Ray worker) once the
+    dynamic mmap threshold has risen past their size, and B varies (tapered units, shard ends), so
+    the holes they leave between the small allocations that outlive a block (Ray's per-task
+    records, returned sums) are not reused (measured: a Ray worker +150 MB at 64x the rows with its
+    block buffers already pooled, all of it free memory). Here each is allocated once, at the
+    largest rows seen (at least `rows`). Not thread-safe: one per PassRunner, whose blocks compute
+    one at a time. Nothing a block returns may be a view of it.
+    """
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.made = 0  # buffers allocated so far: one per name, unless a block outgrows its buffer
+
+    def get(self, name: str, rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A (rows, cols) contiguous view of the buffer `name`, of `like`'s device and dtype (or `dtype`); contents undefined."""
+        dtype = dtype or like.dtype
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != like.device:
+            buf = self._bufs[name] = torch.empty((max(rows, self.rows), cols), dtype=dtype, device=like.device)
+            self.made += 1
+        return buf[:rows]
+
+
+def scratch(ws: Workspace | None, name: str, rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ws.get(...), or a new tensor without a workspace."""
+    if ws is None:
+        return torch.empty((rows, cols), dtype=dtype or like.dtype, device=like.device)
+    return ws.get(name, rows, cols, like, dtype)
 
 
 def handwritten_supported(model: SparseAutoencoder, obj: Objective) -> bool:
@@ -77,26 +112,35 @@ def _derivative(a: torch.Tensor, kind: str, out: torch.Tensor | None = None) -> 
 
 
 
+def _derivative_into(a: torch.Tensor, kind: str, ws: Workspace | None, name: str) -> torch.Tensor | None:
+    """_derivative into the workspace buffer `name` (None for linear: f′ = 1, nothing to multiply)."""
+    return None if kind == "linear" else _derivative(a, kind, out=scratch(ws, name, a.shape[0], a.shape[1], a))
+
+
 @torch.no_grad()
 def handwritten_block(model: SparseAutoencoder, obj: Objective, x: torch.Tensor, g: list[torch.Tensor] | None,
-                      x_in: torch.Tensor | None = None, onepass: bool = False, data_sums: Sums | None = None) -> Sums:
+                      x_in: torch.Tensor | None = None, onepass: bool = False, data_sums: Sums | None = None,
+                      ws: Workspace | None = None) -> Sums:
     """pass2_block (or, with onepass, onepass_block) for an untied mirrored MLP, without autograd.
 
     Same arguments and the same float64 sums as pass2_block; with onepass (g must be None) also
     S_W (h1, n) and S_b (h1,). data_sums: this block's `data_block_sums(x)` when the caller keeps
-    them (they do not depend on θ), else they are computed here.
+    them (they do not depend on θ), else they are computed here. ws: where the (B, h)
+    intermediates go (None: new tensors).
     """
     inp = x if x_in is None else x_in  # (B, n)
     L, enc = model.num_layers, model.num_encoder
+    B = inp.shape[0]
     theta = model.theta.detach()
     acts = [inp]  # h_0 = input, h_1 .. h_L
     for layer in range(1, L + 1):
-        z = torch.addmm(model.param(f"b{layer}", theta), acts[-1], model.param(f"W{layer}", theta).t())  # (B, fan_out)
+        weight = model.param(f"W{layer}", theta)  # (fan_out, fan_in)
+        z = torch.addmm(model.param(f"b{layer}", theta), acts[-1], weight.t(), out=scratch(ws, f"z{layer}", B, weight.shape[0], inp))
         acts.append(activate_(z, model.output_activation if layer == L else model.activation))
-    diff = acts[-1] - x  # (B, n)
+    diff = torch.sub(acts[-1], x, out=scratch(ws, "diff", B, x.shape[1], x))  # (B, n)
     flat = diff.reshape(-1)
     recon = 0.5 * torch.dot(flat, flat)
-    fprime = _derivative(acts[-1], model.output_activation)
+    fprime = _derivative_into(acts[-1], model.output_activation, ws, f"fprime{L}")
     delta = diff if fprime is None else diff.mul_(fprime)  # ∂surrogate/∂z_L (B, n)
     grad = torch.empty_like(theta)  # (P,) one flat buffer, filled view by view
     penalised = {layer: i for i, layer in enumerate(obj.layers)}
@@ -120,22 +164,24 @@ def handwritten_block(model: SparseAutoencoder, obj: Objective, x: torch.Tensor,
         if layer == 1:
             break
         below = layer - 1  # the activation h_below feeds this layer
-        dh = delta @ model.param(f"W{layer}", theta)  # (B, fan_in)
+        weight = model.param(f"W{layer}", theta)  # (fan_out, fan_in)
+        dh = torch.mm(delta, weight, out=scratch(ws, f"dh{below}", B, weight.shape[1], delta))  # (B, fan_in)
         if below <= enc and below in penalised:
             if obj.kind == "kl" and g is not None:
                 dh += g[penalised[below]]  # ∂(g·a)/∂a = g, the same for every row
             elif obj.kind == "l1":
-                l1 = l1 + acts[below].abs().sum()
-                dh += obj.l1 * acts[below].sign()
+                tmp = scratch(ws, f"l1_{below}", B, dh.shape[1], dh)  # |a|, then l1·sign(a)
+                l1 = l1 + torch.abs(acts[below], out=tmp).sum()
+                dh += torch.sign(acts[below], out=tmp).mul_(obj.l1)
         if below == 1 and onepass:
-            stacked = torch.empty(dh.shape[0], 2 * dh.shape[1], dtype=dh.dtype, device=dh.device)
+            stacked = scratch(ws, "stacked", B, 2 * dh.shape[1], dh)
             delta, fprime = stacked[:, : dh.shape[1]], stacked[:, dh.shape[1] :]
             _derivative(acts[below], model.activation, out=fprime)
             torch.mul(dh, fprime, out=delta)
             continue
-        fprime = _derivative(acts[below], model.activation)
+        fprime = _derivative_into(acts[below], model.activation, ws, f"fprime{below}")
         delta = dh if fprime is None else dh.mul_(fprime)
-    act, fired = layer_sums(acts[1 : enc + 1], model.activation)
+    act, fired = layer_sums(acts[1 : enc + 1], model.activation, ws)
     sums = {
         "rows": np.array(float(x.shape[0])),
         "grad": to64(grad),  # a float64 view of the flat buffer (no copy in float64)

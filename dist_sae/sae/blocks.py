@@ -12,22 +12,27 @@ import numpy as np
 import torch
 
 from dist_sae.sae.model import SparseAutoencoder, activation_derivative, keep_topk, activate
-from dist_sae.sae.backward import FAST_ACTIVATIONS, activate_, handwritten_block, use_handwritten
+from dist_sae.sae.backward import FAST_ACTIVATIONS, Workspace, activate_, handwritten_block, scratch, use_handwritten
 from dist_sae.sae.objective import Objective
 from dist_sae.sae.sums import Sums, data_block_sums, layer_sums, to64
 
 
 @torch.no_grad()
-def pass1_block(model: SparseAutoencoder, x: torch.Tensor) -> Sums:
-    """Pass 1 on a block x (B, n): Σ_i a^(l)_i and active counts for every encoder layer, (Σ h_l,) each."""
+def pass1_block(model: SparseAutoencoder, x: torch.Tensor, ws: Workspace | None = None) -> Sums:
+    """Pass 1 on a block x (B, n): Σ_i a^(l)_i and active counts for every encoder layer, (Σ h_l,) each.
+
+    ws: where the (B, h) activations go on the fast path (None: new tensors; see backward.Workspace).
+    """
     if model.activation in FAST_ACTIVATIONS and not model.topk and not model.tied:
         acts, h, theta = [], x, model.theta.detach()
         for layer in range(1, model.num_encoder + 1):  # addmm and an in-place f: no extra (B, h) tensors
-            h = activate_(torch.addmm(model.param(f"b{layer}", theta), h, model.param(f"W{layer}", theta).t()), model.activation)
+            weight = model.param(f"W{layer}", theta)  # (h_l, h_{l-1})
+            z = scratch(ws, f"z{layer}", x.shape[0], weight.shape[0], x)
+            h = activate_(torch.addmm(model.param(f"b{layer}", theta), h, weight.t(), out=z), model.activation)
             acts.append(h)
     else:
         acts = model.encode_layers(x)
-    act, fired = layer_sums(acts, model.activation)
+    act, fired = layer_sums(acts, model.activation, ws)
     return {"rows": np.array(float(x.shape[0])), "act": act, "fired": fired}
 
 
@@ -56,6 +61,7 @@ def pass2_block(
     dead: torch.Tensor | None = None,
     data_sums: Sums | None = None,
     backward: str = "auto",
+    ws: Workspace | None = None,
 ) -> Sums:
     """Pass 2 on a block: the surrogate-loss gradient of docs/maths.md §2 and the loss sums.
 
@@ -66,12 +72,13 @@ def pass2_block(
         dead: AuxK dead-unit mask (h1,) bool, or None.
         data_sums: the block's data_block_sums(x) when the caller keeps them; else computed here.
         backward: auto (hand-written where it covers the model), autograd, or handwritten.
+        ws: scratch tensors for the hand-written path's intermediates (backward.Workspace; None: new ones).
 
     Returns float64 sums: grad (P,), recon Σ½‖x̂−x‖², act and fired (Σ h_l,), sum_x (n,), sum_x2,
     l1, auxk, rows.
     """
     if use_handwritten(model, obj, backward):
-        return handwritten_block(model, obj, x, g, x_in, data_sums=data_sums)
+        return handwritten_block(model, obj, x, g, x_in, data_sums=data_sums, ws=ws)
     fwd = model(x if x_in is None else x_in)
     diff = fwd.output - x  # (B, n)
     recon = 0.5 * (diff * diff).sum()
@@ -109,6 +116,7 @@ def onepass_block(
     x_in: torch.Tensor | None = None,
     data_sums: Sums | None = None,
     backward: str = "auto",
+    ws: Workspace | None = None,
 ) -> Sums:
     """One-pass exact gradient (docs/maths.md §3) for KL on encoder layer 1: pass-2 sums with g = 0, plus
 
@@ -116,7 +124,7 @@ def onepass_block(
     ∇W1 += g ⊙ S_W / m and ∇b1 += g ⊙ S_b / m once ρ̂ (hence g) is known.
     """
     if use_handwritten(model, obj, backward):  # reuses the backward's f′(z1): no second forward
-        return handwritten_block(model, obj, x, None, x_in, onepass=True, data_sums=data_sums)
+        return handwritten_block(model, obj, x, None, x_in, onepass=True, data_sums=data_sums, ws=ws)
     sums = pass2_block(model, obj, x, None, x_in, data_sums=data_sums, backward="autograd")
     inp = x if x_in is None else x_in
     with torch.no_grad():

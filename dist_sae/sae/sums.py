@@ -181,20 +181,32 @@ class OrderedReducer:
         return self._next_group == len(self.groups)
 
 
-def active(a: torch.Tensor, activation: str) -> torch.Tensor:
-    """Which units count as active (for L0 and dead units): sigmoid a > ½, tanh a > 0, else a ≠ 0."""
+def active(a: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Which units count as active (for L0 and dead units): sigmoid a > ½, tanh a > 0, else a ≠ 0.
+
+    Bool, or 1.0/0.0 written into `out` (any dtype) when given.
+    """
+    import torch
+
     if activation == "sigmoid":
-        return a > 0.5
+        return torch.gt(a, 0.5, out=out)
     if activation == "tanh":
-        return a > 0
-    return a != 0
+        return torch.gt(a, 0, out=out)
+    return torch.ne(a, 0, out=out)
 
 
 
-def layer_sums(acts: list[torch.Tensor], activation: str) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ_i a_i, Σ_i [a_i active]) of every encoder layer, concatenated (Σ h_l,), float64."""
+def layer_sums(acts: list[torch.Tensor], activation: str, ws=None) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ_i a_i, Σ_i [a_i active]) of every encoder layer, concatenated (Σ h_l,), float64.
+
+    The active counts are summed as float64 0/1 (exact below 2^53 rows): summing a bool mask casts
+    all of it to int64 first, a (B, h) int64 temporary per block. ws: a backward.Workspace to hold
+    the (B, h_l) float64 masks (None: new ones).
+    """
     import torch
 
     sums = torch.cat([a.detach().sum(0, dtype=torch.float64) for a in acts])
-    fired = torch.cat([active(a.detach(), activation).sum(0).to(torch.float64) for a in acts])  # integer counts
+    masks = [torch.empty(a.shape, dtype=torch.float64, device=a.device) if ws is None
+             else ws.get(f"active{i}", a.shape[0], a.shape[1], a, torch.float64) for i, a in enumerate(acts)]
+    fired = torch.cat([active(a.detach(), activation, m).sum(0) for a, m in zip(acts, masks)])  # integer counts
     return to64(sums), to64(fired)

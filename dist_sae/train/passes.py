@@ -19,21 +19,21 @@ import torch
 
 from dist_sae.config import Config
 from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
-from dist_sae.data.reader import BlockReader, prefetch
+from dist_sae.data.reader import BlockReader, BufferPool, prefetch
 from dist_sae.data.storage import shard_cache
 from dist_sae.errors import TrainingError
 from dist_sae.sae.model import SparseAutoencoder, layer_sizes
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
 from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
 from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
-from dist_sae.sae.backward import BACKWARDS
+from dist_sae.sae.backward import BACKWARDS, Workspace
 from dist_sae.train.inputs import input_transform, resolve_device, row_noise
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PASS_KINDS = ("pass1", "pass2", "onepass")
-STAGING_BUFFERS = 4  # read buffers kept for reuse: the read-ahead depth (2) + the block in compute + one
+STREAM_BUFFERS = 2  # block buffers kept for reuse beyond data.prefetch: the block in compute + one being read
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any PassRunner changes it
 
 
@@ -69,10 +69,15 @@ class PassRunner:
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}  # (shard, start, stop) -> block
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
-        self._pool: list[torch.Tensor] = []  # buffers of streamed blocks, for reuse (see load)
-        self._staging: list[np.ndarray] = []  # buffers the reader reads into (read_direct), for reuse
-        self._streamed: set[int] = set()  # data_ptr of streamed blocks handed out by load
-        self.recycle = False  # set by callers that `release` every block they load (LocalEvaluator)
+        # Streamed (uncached) blocks live in reused buffers (reader.BufferPool says why): the rows
+        # as stored (rows, n) that the reader reads into, and, where the compute dtype or
+        # data.transform differs, the converted (rows, n') tensor. Both go back with `release`.
+        self._dim = self.dataset.dim if self.input_transform is None else self.input_transform.out_dim(self.dataset.dim)  # n'
+        keep, cap = cfg.data.prefetch + STREAM_BUFFERS, cfg.data.block_rows
+        self._staging = BufferPool(lambda n: np.empty((n, self.dataset.dim), np.dtype(self.dataset.dtype)), cap, keep, _address)
+        self._blocks = BufferPool(lambda n: torch.empty((n, self._dim), dtype=self.dtype), cap, keep, _address)
+        self._convert = self.input_transform is not None or np.dtype(self.dataset.dtype) != np.dtype(cfg.compute.dtype)
+        self.workspace = Workspace(cap)  # the blocks' (B, h) intermediates, reused (compute runs one block at a time)
         self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
@@ -109,45 +114,54 @@ class PassRunner:
     def load(self, unit: WorkUnit) -> torch.Tensor:
         """The unit's rows as a compute-dtype tensor on the device, from the block cache when there.
 
-        Blocks are cached while the cache stays within data.cache_mb; past that, they stream.
-        Safe to call from a read-ahead thread.
+        Blocks are cached while the cache stays within data.cache_mb; past that, they stream, in
+        reused buffers: hand each block back with `release` once its compute is done (a block not
+        released is simply not reused). Safe to call from a read-ahead thread.
         """
         key = (unit.shard, unit.start, unit.stop)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        with self._cache_lock:
-            staging = self._staging.pop() if self._staging else None
-        rows = self.reader.read(unit, out=staging if staging is not None and len(staging) >= unit.rows else None)
-        dim = rows.shape[1] if self.input_transform is None else self.input_transform.out_dim(rows.shape[1])
-        size = rows.shape[0] * dim * self.dtype.itemsize
+        size = unit.rows * self._dim * self.dtype.itemsize
         with self._cache_lock:
             keep = key not in self._cache and self._cache_bytes + size <= self.cache_budget
             if keep:
-                self._cache_bytes += size
-            # A streamed block goes into a recycled buffer: fresh multi-MB tensors every block let
-            # glibc's heap fragment and RSS creep up with the data size (+26-43% at 16x the rows).
-            buffer = None if keep or not self._pool else self._pool.pop()  # (empty unless recycle is on)
-        x = self.to_device(rows, buffer)
-        # The read buffer is reused once its rows were copied out (not when x is a view of it).
-        if x.device.type != "cpu" or not np.shares_memory(x.numpy(), rows):
-            used = staging if staging is not None and np.shares_memory(rows, staging) else rows
+                self._cache_bytes += size  # reserved now, so a concurrent load sees it
+        if not keep:
+            return self._stream(unit)
+        try:
+            x = self.to_device(self.reader.read(unit))  # fresh memory: the cache's from now on
+        except BaseException:
             with self._cache_lock:
-                if len(self._staging) < STAGING_BUFFERS:
-                    self._staging.append(used)
-        if keep:
-            with self._cache_lock:
-                self._cache[key] = x
-        elif self.recycle and self.device.type == "cpu" and x.data_ptr() != rows.ctypes.data:  # its own memory
-            self._streamed.add(x.data_ptr())
+                self._cache_bytes -= size
+            raise
+        with self._cache_lock:
+            self._cache[key] = x
+        return x
+
+    def _stream(self, unit: WorkUnit) -> torch.Tensor:
+        """An uncached block: read into a pooled buffer and, where it needs converting on the CPU, converted into another."""
+        staging = self._staging.take(unit.rows)  # (rows, n) stored dtype
+        try:
+            rows = self.reader.read(unit, out=staging)
+            out = self._blocks.take(unit.rows) if self._convert and self.device.type == "cpu" else None
+            x = self.to_device(rows, out)
+        except BaseException:
+            self._staging.give(staging)
+            raise
+        if x.device.type != "cpu" or x.data_ptr() != _address(staging):  # its rows were copied out
+            self._staging.give(staging)
         return x
 
     def release(self, x: torch.Tensor) -> None:
-        """Hand back a block from `load` once its compute is done: a streamed block's buffer is reused."""
-        with self._cache_lock:
-            if x.data_ptr() in self._streamed and len(self._pool) < 4:
-                self._streamed.discard(x.data_ptr())
-                self._pool.append(x)
+        """Hand back a block from `load` once its compute is done: a streamed block's buffers are reused."""
+        if x.device.type == "cpu" and not self._blocks.give(x):
+            self._staging.give(x)  # a block that is the read buffer itself (stored as the compute dtype)
+
+    def buffers_made(self) -> dict[str, int]:
+        """Buffers allocated so far for streamed blocks (read as stored, converted) and the blocks'
+        intermediates (workspace): a few each, however many units ran."""
+        return {"read": self._staging.made, "converted": self._blocks.made, "workspace": self.workspace.made}
 
     def corrupt(self, x: torch.Tensor, unit: WorkUnit) -> torch.Tensor | None:
         """The denoising input for a unit's rows, or None without noise.
@@ -168,11 +182,11 @@ class PassRunner:
         x = block if isinstance(block, torch.Tensor) else self.to_device(block)
         x_in = self.corrupt(x, unit)
         if kind == "pass1":
-            return pass1_block(self.model, x if x_in is None else x_in)
+            return pass1_block(self.model, x if x_in is None else x_in, self.workspace)
         if kind == "pass2":
-            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x), self.backward)
+            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x), self.backward, self.workspace)
         if kind == "onepass":
-            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x), self.backward)
+            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x), self.backward, self.workspace)
         raise ValueError(f"unknown pass {kind!r}")
 
     def data_sums(self, unit: WorkUnit, x: torch.Tensor) -> Sums:
@@ -204,9 +218,13 @@ class PassRunner:
         self.reader.close()
         self._cache.clear()
         self._data_sums.clear()
-        self._pool.clear()
+        self._blocks.clear()
         self._staging.clear()
-        self._streamed.clear()
+
+
+def _address(a: np.ndarray | torch.Tensor) -> int:
+    """Where an array's or a tensor's first element is (a view of a buffer's first rows: the buffer's)."""
+    return a.data_ptr() if isinstance(a, torch.Tensor) else a.__array_interface__["data"][0]
 
 
 class Evaluator(Protocol):
@@ -225,7 +243,6 @@ class LocalEvaluator:
 
     def __init__(self, runner: PassRunner, prefetch_depth: int = 2) -> None:
         self.runner = runner
-        self.runner.recycle = True  # every block run() and map_units() load is released after use
         self.prefetch_depth = prefetch_depth
         self.units = pass_units(runner.cfg, runner.dataset)
         self.rows = runner.dataset.rows

@@ -7,6 +7,7 @@ shares one local Ray per module (`ray_session`, tests/conftest.py), bound to 127
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 
 import numpy as np
@@ -22,6 +23,7 @@ from dist_sae.cluster.dispatch import Dispatcher, UnitState
 from dist_sae.cluster.ray_session import ClusterSession, check_placement, worker_count
 from dist_sae.cluster.launcher import WorkerSpec
 from dist_sae.cluster.worker import Worker
+from dist_sae.sae.sums import OrderedReducer
 
 from util import config, make_dataset, random_rows, smooth_patches
 
@@ -136,6 +138,32 @@ def test_plain_worker_matches_the_pass_runner_without_ray(data):
     assert codes.shape == (unit.rows, 6)
     worker.close()
     runner.close()
+
+
+def test_plain_worker_on_two_threads_reuses_a_few_buffers_and_sums_as_the_runner(tmp_path):
+    """As a Ray actor with max_concurrency=2 runs it (one call reads while the other computes): every
+    block's buffers are taken back, so a few serve all the units, and no reuse corrupts a block."""
+    make_dataset(tmp_path / "d", random_rows(2000, 6, seed=2), shard_rows=450, dtype="float32")
+    ds = Dataset.open(tmp_path / "d")
+    cfg = bind_dataset(config(tmp_path / "d", model__hidden=[4], data__block_rows=40, data__cache_mb=0), ds)
+    theta = initial_theta(cfg, None)
+    units = ds.units(cfg.data.block_rows, taper=True)
+    worker = Worker(cfg.model_dump(), str(tmp_path / "d"))
+    local = LocalEvaluator(PassRunner(cfg, ds), cfg.data.block_rows)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got = dict(r[:2] for r in pool.map(lambda u: worker.run("pass1", astuple(u), "k", theta), units))
+        want, _ = local.run("pass1", theta, units)
+        reducer = OrderedReducer([u.id for u in units])
+        for uid, sums in got.items():
+            reducer.add(uid, sums)
+        for key in want:
+            np.testing.assert_array_equal(reducer.total[key], want[key])
+        made = worker.info()["buffers"]
+        assert len(units) > 50 and made["read"] <= 4 and made["converted"] <= 4, made
+    finally:
+        worker.close()
+        local.close()
 
 
 # ---- on Ray --------------------------------------------------------------------------------
