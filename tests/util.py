@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -107,33 +103,3 @@ def numpy_zca(x: np.ndarray, eps: float) -> np.ndarray:
     d = x - mu
     lam, u = np.linalg.eigh(d.T @ d / len(x))
     return d @ (u @ np.diag(1 / np.sqrt(lam + eps)) @ u.T).T
-
-
-def stop_session_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to every process of the session `proc` leads (started with start_new_session).
-
-    E.g. `ray start --head`: the GCS, raylet, dashboard and every worker are in its session, so
-    this ends exactly the processes the test started.
-    """
-    def members() -> list[int]:
-        pids = []
-        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-            try:
-                if os.getsid(pid) == proc.pid:
-                    pids.append(pid)
-            except OSError:
-                pass
-        return pids
-
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in members():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, so it does not linger as a zombie
-            if not members():
-                return
-            time.sleep(0.1)

@@ -1,12 +1,29 @@
-"""The notes' exercise: `dist-sae train` on local Ray (and --local) vs the NumPy/SciPy peer, fresh processes.
+"""The notes' exercise through the CLI vs the NumPy/SciPy peer: whole fresh processes, interleaved.
 
-    exercise_vs_numpy_peer   wall time of `dist-sae train` (local Ray) on the notes' exercise / a plain
-                             NumPy + SciPy L-BFGS-B implementation of the same objective (dist_sae.bench.peer)
+Every run trains the same patches (dist_sae.data.build.build_patches) from the same θ0, for the
+same L-BFGS iterations; each round runs every kind once, in rotating order; figures are medians.
+
+    peer_1thread   NumPy + SciPy L-BFGS-B (dist_sae.bench.peer), BLAS pinned to 1 thread: the reference
+    peer           the same with NumPy's default BLAS threads
+    ray            `dist-sae train` (default: a private local Ray, started and stopped by the command)
+    attached       `dist-sae train --address ADDR`, joining a local Ray head already running (started
+                   once for this part by dist_sae.cluster.head, token auth, stopped at the end)
+    local          `dist-sae train --local`
+    local32        `dist-sae train --local compute.dtype=float32`
+    demo           `dist-sae demo --quiet` (data, training on Ray, report) in a temporary folder
+    startup        Ray start-up alone (dist_sae.bench.ray_startup)
+    ray_onepass    optional: `dist-sae train sparsity.passes=1`; ray_float32: `compute.dtype=float32`
+
+    exercise_ray_vs_peer, exercise_attached_vs_peer, exercise_local_vs_peer, exercise_local32_vs_peer
+        median wall of that run / median wall of peer_1thread; J_rel_diff_<run>_vs_peer is its final J
+        (the peer's own cost function at the final θ) against peer_1thread's
+    demo_wall_s   median wall seconds of the demo
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +34,7 @@ from dist_sae.bench.child import run_json, run_module
 from dist_sae.bench.peer import numpy_cost, run_peer
 from dist_sae.bench.synthetic import read_all
 from dist_sae.bench.timing import log, med
+from dist_sae.cluster.head import ray_cli, start_head
 from dist_sae.config import load_config
 from dist_sae.data.build import build_patches
 from dist_sae.data.dataset import Dataset
@@ -24,14 +42,21 @@ from dist_sae.sae.model import load_model
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
 
-NOTES_OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in NOTES_SETTINGS.items() if k != "optim.steps"]
+# The exercise's settings, less the iterations (a parameter) and the pass mode (the engine's default:
+# the one-pass mode gives the same exact gradient, so a default that chose it is measured as such).
+NOTES_OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in NOTES_SETTINGS.items() if k not in ("optim.steps", "sparsity.passes")]
+TRAIN_RUNS = {  # name -> (extra arguments of `dist-sae train`)
+    "ray": [], "attached": [], "local": ["--local"], "local32": ["--local", "compute.dtype=float32"],
+    "ray_onepass": ["sparsity.passes=1"], "ray_float32": ["compute.dtype=float32"],
+}
+VS_PEER = ("ray", "attached", "local", "local32")  # the issue's ratios: exercise_<name>_vs_peer
 
 
-def train_cli(data: Path, out: Path, steps: int, local: bool, extra: list[str] | None = None) -> dict:
-    """`dist-sae train` on the exercise in a fresh process: wall time, its own training seconds, final θ's J."""
+def train_cli(data: Path, out: Path, steps: int, extra: list[str], env: dict[str, str] | None = None) -> dict:
+    """`dist-sae train` on the exercise in a fresh process: wall time, its own training seconds, final J."""
     args = ["train", "--data", data, "--out", out, "--overwrite", "--quiet", *NOTES_OVERRIDES, f"optim.steps={steps}",
-            "run.report=false", "run.checkpoint_every=0", *(extra or [])] + (["--local"] if local else [])
-    proc, wall = run_module("dist_sae", *args)
+            "run.report=false", "run.checkpoint_every=0", *extra]
+    proc, wall = run_module("dist_sae", *args, env=env)
     match = re.search(r"trained (\d+) steps in ([0-9.]+)s", proc.stdout)
     summary_json = json.loads((out / "run.json").read_text())
     return {"wall_s": wall, "train_s": float(match.group(2)) if match else float("nan"), "steps": summary_json["steps"],
@@ -43,10 +68,18 @@ def final_theta(run: Path) -> np.ndarray:
     return model.theta.detach().numpy().copy()
 
 
-def _runs(reps: int, onepass: bool, float32: bool, run_one) -> dict[str, list[dict]]:
-    """run_one(name) for every kind of run, `reps` rounds, each round in rotating order."""
-    order = ["ray", "peer", "local", "peer_1thread", "startup"] + (["ray_onepass"] if onepass else [])
-    order += ["ray_float32"] if float32 else []
+def run_demo(tmp: Path, steps: int, patches: int | None = None) -> dict:
+    """`dist-sae demo` in a fresh process, its output in a folder of its own: wall time, report included."""
+    out = tmp / "demo"
+    proc, wall = run_module("dist_sae", "demo", "--out", out, "--quiet", "--steps", steps, *(["--patches", patches] if patches else []))
+    if not (out / "run" / "report" / "report.html").is_file():
+        raise RuntimeError(f"dist-sae demo wrote no report:\n{proc.stdout[-2000:]}")
+    match = re.search(r"in ([0-9.]+)s \(step loop", proc.stdout)
+    return {"wall_s": wall, "steps_s": float(match.group(1)) if match else float("nan")}
+
+
+def rotating(order: list[str], reps: int, run_one) -> dict[str, list[dict]]:
+    """run_one(name) for every name, `reps` rounds, each round in rotating order."""
     runs: dict[str, list[dict]] = {name: [] for name in order}
     for r in range(reps):
         for name in order[r % len(order):] + order[: r % len(order)]:
@@ -55,8 +88,12 @@ def _runs(reps: int, onepass: bool, float32: bool, run_one) -> dict[str, list[di
     return runs
 
 
-def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, onepass: bool = True) -> dict:
-    """The notes' exercise through the CLI on local Ray (and --local), and the NumPy peer, interleaved."""
+def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, onepass: bool = True, demo: bool = True,
+                   attached: bool = True, demo_patches: int | None = None) -> dict:
+    """Every run of the module docstring, interleaved; the figures, J of each and the issue's ratios.
+
+    demo_patches: the demo's patch count (default: its own, the exercise's 10,000).
+    """
     data = tmp / "patches"
     if not data.exists():
         build_patches(data)
@@ -64,42 +101,60 @@ def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, onep
     cfg = bind_dataset(load_config(None, NOTES_OVERRIDES + [f"data.path={data}"]), Dataset.open(data))
     theta0 = initial_theta(cfg, None)
     cost_args = (cfg.model.hidden[0], cfg.loss.weight_decay, cfg.sparsity.beta, cfg.sparsity.rho)
+    notes = ["attached: skipped, no `ray` CLI to start a head with"] if attached and ray_cli() is None else []
+    attached = attached and not notes
+    order = ["peer_1thread", "ray", "local", "local32", "peer", "startup"] + ["attached"] * attached + ["demo"] * demo
+    order += ["ray_onepass"] * onepass + ["ray_float32"] * float32
+    # The head as the private local Ray is: every CPU of the machine, one worker per CPU.
+    head = start_head(num_cpus=os.cpu_count() or 1, dashboard=False) if attached else None
 
     def run_one(name: str) -> dict:
         if name in ("peer", "peer_1thread"):  # BLAS threads: NumPy's default, or 1
             return run_peer(data, theta0, steps, tmp, cost_args, 1 if name == "peer_1thread" else None)
         if name == "startup":
             return run_json("dist_sae.bench.ray_startup", data)
+        if name == "demo":
+            return run_demo(tmp, steps, demo_patches)
         out = tmp / f"run_{name}"
-        extra = {"ray_float32": ["compute.dtype=float32"], "ray_onepass": ["sparsity.passes=1"]}.get(name, [])
-        result = train_cli(data, out, steps, local=(name == "local"), extra=extra)
+        extra = TRAIN_RUNS[name] + (["--address", head.address] if name == "attached" else [])
+        result = train_cli(data, out, steps, extra, env=head.env if name == "attached" else None)
         # J at the final θ, computed by the peer's own cost function: the same objective for both.
         result["J"] = float(numpy_cost(final_theta(out), x, x.shape[1], *cost_args)[0])
         return result
 
-    runs = _runs(reps, onepass, float32, run_one)
+    try:
+        if head is not None and steps > 5:  # the cluster user's head has run jobs before: its first is not timed
+            train_cli(data, tmp / "run_attached_warmup", min(steps, 5), ["--address", head.address], env=head.env)
+        runs = rotating(order, reps, run_one)
+    finally:
+        if head is not None:
+            head.stop()
+    return {**summarise(runs, int(x.shape[0]), steps), "notes": notes}
 
+
+def summarise(runs: dict[str, list[dict]], rows: int, steps: int) -> dict:
+    """Medians per run, J of each against the 1-thread peer's, and the ratios against its wall time."""
     def m(name: str, key: str) -> float:
         return med([r[key] for r in runs[name]])
 
-    out = {
-        "rows": int(x.shape[0]), "iterations": steps, "runs": runs,
-        "ray_wall_s": m("ray", "wall_s"), "ray_train_s": m("ray", "train_s"), "local_wall_s": m("local", "wall_s"),
-        # The peer at its best: NumPy's default BLAS threads, or 1 thread when that is faster (a busy machine).
-        "peer_wall_s": min(m("peer", "wall_s"), m("peer_1thread", "wall_s")),
-        "peer_default_threads_wall_s": m("peer", "wall_s"), "peer_1thread_wall_s": m("peer_1thread", "wall_s"),
-        "peer_optimize_s": min(m("peer", "optimize_s"), m("peer_1thread", "optimize_s")),
-        "ray_startup_s": m("startup", "startup_s"), "ray_import_s": m("startup", "import_s"),
-        "J_ray": m("ray", "J"), "J_local": m("local", "J"), "J_peer": m("peer", "J"), "J_peer_1thread": m("peer_1thread", "J"),
-        "peer_evaluations": m("peer", "evaluations"),
-    }
-    out["J_rel_diff_ray_vs_peer"] = (out["J_ray"] - out["J_peer"]) / out["J_peer"]
-    out["train_only_vs_peer"] = out["ray_train_s"] / out["peer_wall_s"]
-    out["local_vs_peer"] = out["local_wall_s"] / out["peer_wall_s"]
-    if onepass:
-        out.update({"ray_onepass_wall_s": m("ray_onepass", "wall_s"), "ray_onepass_train_s": m("ray_onepass", "train_s"),
-                    "J_ray_onepass": m("ray_onepass", "J")})
-    if float32:
-        out["ray_float32_wall_s"] = m("ray_float32", "wall_s")
-        out["J_ray_float32"] = m("ray_float32", "J")
+    peer_wall, peer_j = m("peer_1thread", "wall_s"), m("peer_1thread", "J")
+    out: dict = {"rows": rows, "iterations": steps, "runs": runs, "wall_s": {}, "J": {}, "J_rel_diff_vs_peer": {}, "ratios": {}}
+    for name in runs:
+        if name == "startup":
+            out["ray_startup_s"], out["ray_import_s"] = m(name, "startup_s"), m(name, "import_s")
+            continue
+        out["wall_s"][name] = m(name, "wall_s")
+        if "J" in runs[name][0]:
+            out["J"][name] = m(name, "J")
+            out["J_rel_diff_vs_peer"][name] = (out["J"][name] - peer_j) / peer_j
+        if "train_s" in runs[name][0]:
+            out.setdefault("train_s", {})[name] = m(name, "train_s")
+    out["peer_optimize_s"] = m("peer_1thread", "optimize_s")
+    out["peer_evaluations"] = m("peer_1thread", "evaluations")
+    for name in VS_PEER:
+        if name in runs:
+            out["ratios"][f"exercise_{name}_vs_peer"] = out["wall_s"][name] / peer_wall
+    out["ratios"]["exercise_J_vs_peer"] = max(abs(out["J_rel_diff_vs_peer"][n]) for n in VS_PEER if n in runs)
+    if "demo" in runs:
+        out["ratios"]["demo_wall_s"] = out["wall_s"]["demo"]
     return out

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import secrets
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import shutil
 from pathlib import Path
@@ -26,7 +23,7 @@ import yaml
 
 import dist_sae
 
-from util import stop_session_group
+from dist_sae.cluster.head import Head, start_head
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,51 +71,18 @@ def test_cluster_yaml_layout():
 # ---- a job on a private head -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
     """`ray start --head` on 127.0.0.1 with token auth; yields (dashboard URL, env with the token)."""
-    ray_bin = shutil.which("ray")
-    if ray_bin is None:
-        pytest.skip("the ray CLI is not installed")
-    temp_dir = tempfile.mkdtemp(prefix="dsae-job-", dir="/tmp")
-    token = secrets.token_hex(32)
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,  # this head's own token, whatever ~/.ray/auth_token holds
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 as the node IP: bind loopback only
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    dashboard_port = free_port()
-    cmd = [
-        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1",
-        "--port", str(free_port()),
-        "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard_port),
-        "--ray-client-server-port", str(free_port()),
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--num-cpus", "2",
-        "--temp-dir", temp_dir,
-    ]
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    # Started outside the checkout, as a cluster's head is: a job without a working dir runs there.
-    proc = subprocess.Popen(cmd, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for_job_server(url, token, proc, Path(temp_dir) / "ray-start.log")
-        yield url, env
+        head = start_head(num_cpus=2, prefix="dsae-job-")
+    except FileNotFoundError:
+        pytest.skip("the ray CLI is not installed")
+    try:
+        _wait_for_job_server(head.dashboard_url, head.env["RAY_AUTH_TOKEN"], head)
+        yield head.dashboard_url, head.env
     finally:
-        stop_session_group(proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
 
 
 def _client(url: str, token: str):
@@ -128,17 +92,17 @@ def _client(url: str, token: str):
     return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
 
 
-def _wait_for_job_server(url: str, token: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:
+def _wait_for_job_server(url: str, token: str, head: Head, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if head.proc.poll() is not None:
+            pytest.fail(f"ray start exited with {head.proc.returncode}:\n{head.log_tail()}")
         try:
             _client(url, token).list_jobs()
             return
         except Exception:
             time.sleep(1.0)
-    pytest.fail(f"the job server at {url} did not come up in {timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
+    pytest.fail(f"the job server at {url} did not come up in {timeout:.0f}s:\n{head.log_tail()}")
 
 
 def _submit(url: str, env: dict, extra: list[str], train_args: list[str]) -> str:

@@ -20,7 +20,8 @@ from dist_sae.commands.main import main
 from dist_sae.sae.model import load_model
 from dist_sae.train.checkpoint import latest_checkpoint
 
-from util import make_dataset, smooth_patches, stop_session_group
+from dist_sae.cluster.head import stop_session_group
+from util import make_dataset, smooth_patches
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
