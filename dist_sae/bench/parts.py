@@ -6,7 +6,6 @@
     pools           python -m dist_sae.bench.pools           the pass tail before/after unit sizing; the pass bars' cost
     reduce_scaling  python -m dist_sae.bench.reduce_scaling  the server's share of a pass against W, per reduction
     safety          python -m dist_sae.bench.safety          the SIGTERM checkpoint: write and verified load
-    rss_tree        python -m dist_sae.bench.rss_tree        peak RSS of the process tree from outside, 1x to 64x rows
 
 Each writes its JSON report to a file; run_part reads it back and picks the figures the suite's
 table shows (`pick`). A part whose optional extra is missing is skipped with the reason, and a part
@@ -68,10 +67,6 @@ def _safety(r: dict) -> dict[str, float]:
     return {f"safety_{key}_history_{run['history']}": run[key] for run in r["runs"] for key in ("write_s", "load_s")}
 
 
-def _rss_tree(r: dict) -> dict[str, float]:
-    return {f"rss_tree_{kind}_{k.split('_vs_')[0]}": v[kind] for k, v in list(r["ratios"].items())[1:] for kind in ("largest", "tree")}
-
-
 def _without_peer(args: list[str]) -> list[str]:
     """minibatch's arguments with its Ray Train peer systems left out."""
     if "--systems" not in args:
@@ -110,8 +105,6 @@ PARTS: dict[str, Part] = {
                  "--store-mb", "100"]}, _reduce),
     "safety": Part("dist_sae.bench.safety", {
         "full": [], "quick": ["--history", "10", "--reps", "1"], "tiny": ["--sizes", "64,25,64", "--history", "10", "--reps", "1"]}, _safety),
-    "rss_tree": Part("dist_sae.bench.rss_tree", {
-        "full": [], "quick": ["--rows", "10000", "--factors", "1,16"], "tiny": ["--rows", "2000", "--factors", "1,4"]}, _rss_tree),
 }
 
 

@@ -53,9 +53,9 @@ def markdown(report: dict) -> str:
         lines += gemm_table(report["gemm"])
     if "rss" in report:
         r = report["rss"]
-        lines.append(f"Peak RSS per worker, 1x → 16x rows ({r['rows']['1x']:,} → {r['rows']['16x']:,}): "
-                     f"data.cache_mb=0 {r['cache_mb_0']['peak_rss_mb']['1x']:.0f} → {r['cache_mb_0']['peak_rss_mb']['16x']:.0f} MB; "
-                     f"data.cache_mb=512 {r['cache_mb_512']['peak_rss_mb']['1x']:.0f} → {r['cache_mb_512']['peak_rss_mb']['16x']:.0f} MB.")
+        lines.append("Peak RSS from outside, `dist-sae evaluate` on a local Ray (data.cache_mb=0), "
+                     + "; ".join(f"{k} ({v['rows']:,} rows): largest process {v['largest_peak_mb']:.0f} MB, tree {v['tree_peak_mb']:.0f} MB"
+                                 for k, v in r["results"].items()) + ".")
         lines.append("")
     if report.get("parts"):
         lines += parts_table(report["parts"])
