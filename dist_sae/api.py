@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from dist_sae.data.dataset import Dataset
 from dist_sae.data.storage import shard_cache
 from dist_sae.train.inputs import bind_dataset, inherited_transform
 from dist_sae.train.passes import local_problem
-from dist_sae.errors import CheckpointError, ConfigError
+from dist_sae.errors import CheckpointError, ConfigError, Terminated
 from dist_sae.sae.model import CONFIG_FILE, SparseAutoencoder, load_model
 from dist_sae.sae.objective import Evaluation
 from dist_sae.train.loop import TrainResult, _loop
@@ -41,6 +42,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     allow_change: bool = False,
+    fast_stop: bool = False,
 ) -> TrainResult:
     """Train a sparse autoencoder as configured; outputs go to `cfg.run.out`.
 
@@ -50,6 +52,9 @@ def train(
         resume: continue the newest valid checkpoint in the run dir.
         overwrite: replace a run already in the run dir.
         allow_change: let a resume change config keys that alter the run's maths, or use other data.
+        fast_stop: stop a private local Ray that the run started without ray.shutdown's wait for
+            each of its processes in turn (0.6 s; the CLI, whose process ends right after). Always
+            so after SIGTERM, within the grace period.
 
     Raises:
         DistSaeError subclasses naming the file, field or value at fault.
@@ -67,11 +72,11 @@ def train(
     if resume and not run_dir.is_dir():
         check_run_dir(run_dir, resume, overwrite)  # "holds no run": refused without making the folder
     with run_lock(run_dir):  # one run per folder, taken before the folder is looked at
-        return _train_locked(cfg, dataset, run_dir, writer_class, init, resume, overwrite, allow_change)
+        return _train_locked(cfg, dataset, run_dir, writer_class, init, resume, overwrite, allow_change, fast_stop)
 
 
 def _train_locked(cfg: Config, dataset: Dataset, run_dir: Path, writer_class, init, resume: bool, overwrite: bool,
-                  allow_change: bool) -> TrainResult:
+                  allow_change: bool, fast_stop: bool = False) -> TrainResult:
     # Everything a user can get wrong is checked before the run dir is touched: nothing of an
     # existing run is overwritten by a run that cannot start. A resume changes no file of the run
     # until its first step has succeeded.
@@ -125,9 +130,7 @@ def _train_locked(cfg: Config, dataset: Dataset, run_dir: Path, writer_class, in
         if tensorboard is not None:
             tensorboard.close()
         t = time.perf_counter()
-        # Every file of the run is written (or, after SIGTERM, must be within the grace period): a
-        # private Ray is told to stop without ray.shutdown's wait for each process in turn (0.6 s).
-        session.close(fast=True)
+        session.close(fast=fast_stop or isinstance(sys.exc_info()[1], Terminated))  # SIGTERM: within the grace period
         log.info("session closed in %.2fs", time.perf_counter() - t)
 
 

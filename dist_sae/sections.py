@@ -240,7 +240,7 @@ class WorkersConfig(Section):
     max_restarts: int = Field(default=3, ge=0)
     """Worker failures tolerated per run before it stops with a checkpoint."""
     unit_timeout_s: float = Field(default=600.0, gt=0.0)
-    """A work unit not finished after this many seconds marks its worker as hung (treated as dead)."""
+    """A call to a worker (one work unit, or a few small consecutive ones sent together) not finished after this many seconds marks the worker as hung (treated as dead)."""
     reduce: Literal["server", "grouped", "tree"] = "server"
     """Where a pass's float64 sums are added; all three give the same bits (the canonical sum of docs/scaling.md). server: each unit's sums go to the parameter server, which adds them (the reference, and the fastest pass measured up to 32 workers). grouped: a reducer actor on the node where most of a group's ⌈√U⌉ consecutive units ran folds them; the server adds the group sums. tree: the group sums are added in a fixed binary tree of reducer calls too; the server receives one vector per pass (for many workers: docs/scaling.md gives where it pays). Pass 1's small sums always go to the server."""
 

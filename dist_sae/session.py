@@ -13,7 +13,8 @@ import numpy as np
 from dist_sae.train.checkpoint import AtomicStepper
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import local_problem, minibatches
+from dist_sae.train.passes import local_problem
+from dist_sae.train.units import minibatches
 from dist_sae.sae.model import SparseAutoencoder, load_weights_into
 from dist_sae.train.optim import Trainer
 

@@ -19,7 +19,8 @@ from dist_sae.config import load_config
 from dist_sae.data.dataset import Dataset
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import TORCH_DEFAULT_THREADS, PassProblem, local_problem
+from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.units import TORCH_DEFAULT_THREADS
 
 
 class PlainTorch:
@@ -94,7 +95,8 @@ def bench_config(path: Path, hidden: int, **overrides):
 
 def bench_compute(path: Path, hidden: int, reps: int, block_rows: int = 16384) -> dict:
     """Exact evaluations of one model on one dataset, every variant interleaved in one loop."""
-    ds, cfg = bench_config(path, hidden, **{"data.block_rows": block_rows})
+    # Two passes pinned: the two-pass path is what twopass_vs_pass2 measures (one-pass has its own ratio).
+    ds, cfg = bench_config(path, hidden, **{"data.block_rows": block_rows, "sparsity.passes": 2})
     theta = initial_theta(cfg, None)
     stream = local_problem(cfg.with_overrides({"data.cache_mb": 0}), ds)  # HDF5 every pass
     cached = local_problem(cfg, ds)  # the default block cache: what repeated L-BFGS passes see

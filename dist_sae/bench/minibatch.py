@@ -37,10 +37,11 @@ from dist_sae.data.dataset import Dataset
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem, minibatches
+from dist_sae.train.passes import local_problem
+from dist_sae.train.units import minibatches
 
 SYSTEMS = ["batch", "batch-onepass", "ema", "exact", "peer-float32", "peer-float64"]
-MODES = {"batch": ["sparsity.rho_hat=batch"], "batch-onepass": ["sparsity.rho_hat=batch", "sparsity.passes=1"],
+MODES = {"batch": ["sparsity.rho_hat=batch", "sparsity.passes=2"], "batch-onepass": ["sparsity.rho_hat=batch", "sparsity.passes=1"],
          "ema": ["sparsity.rho_hat=ema"], "exact": ["sparsity.rho_hat=exact"]}
 
 

@@ -24,7 +24,7 @@ from dist_sae.train.passes import local_problem
 
 def bench_ray(path: Path, hidden: int, reps: int, workers: list[int], block_rows: int = 16384, components: bool = False) -> dict:
     """Exact two-pass evaluations on Ray with each worker count and in this process, interleaved."""
-    ds, cfg = bench_config(path, hidden, **{"data.block_rows": block_rows})
+    ds, cfg = bench_config(path, hidden, **{"data.block_rows": block_rows, "sparsity.passes": 2})
     theta = initial_theta(cfg, None)
     local = local_problem(cfg, ds)
     sessions: dict[int, ClusterSession] = {}

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "d"
         write_synthetic(path, args.units * args.unit_rows, args.dim, seed=3, shard_rows=args.units * args.unit_rows)
         ds, cfg = bench_config(path, args.hidden, **{"data.block_rows": args.unit_rows, "compute.threads": 1,
-                                                     "workers.unit_timeout_s": 600})
+                                                     "workers.unit_timeout_s": 600, "sparsity.passes": 2})
         theta = initial_theta(cfg, None)
         reference = local_problem(cfg, ds).evaluate(theta)
         report.update({"model": f"{ds.dim}-{args.hidden}-{ds.dim}", "params": int(theta.size), "rows": ds.rows,

@@ -28,8 +28,9 @@ import numpy as np
 import ray
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import Dataset, WorkUnit
-from dist_sae.train.passes import PASS_KINDS, pass_units
+from dist_sae.data.dataset import MIN_UNIT_ROWS, Dataset, WorkUnit
+from dist_sae.train.passes import PASS_KINDS
+from dist_sae.train.units import pass_units
 from dist_sae.errors import StorageError, TrainingError
 from dist_sae.sae.sums import OrderedReducer, Sums, unit_groups
 from dist_sae.cluster import runtime
@@ -41,6 +42,10 @@ from dist_sae.cluster.meter import PassMeter
 log = logging.getLogger(__name__)
 
 Call = tuple[WorkUnit, ...]  # consecutive units sent to one worker in one message
+
+
+def _named(call: Call) -> str:
+    return f"work unit {call[0].id}" if len(call) == 1 else f"work units {call[0].id}-{call[-1].id}"
 
 INLINE_THETA_BYTES = 64 * 1024  # θ up to this size travels inside each call (Ray inlines arguments under 100 KB)
 IN_FLIGHT = 2  # units per worker: one computing, one being read (the worker has max_concurrency=2)
@@ -177,14 +182,14 @@ class RayEvaluator(Recovery):
                     result = ray.get(ref)
                     self.get_s += time.perf_counter() - t_get
                 except WORKER_LOST as exc:
-                    self._failed(w, f"it was lost while running work unit {uid} ({runtime.last_line(exc)})", dispatcher, pending)
+                    self._failed(w, f"it was lost while running {_named(by_id[uid])} ({runtime.last_line(exc)})", dispatcher, pending)
                     continue
                 except ray.exceptions.RayError as exc:
-                    error = runtime.library_error(exc, f"work unit {uid} on worker {w}")
+                    error = runtime.library_error(exc, f"{_named(by_id[uid])} on worker {w}")
                     if not isinstance(error, StorageError):
                         raise error from None
                     # A shard that stays unreadable (after the storage retries) fails the unit like a worker fault.
-                    self._failed(w, f"work unit {uid}: {error}", dispatcher, pending)
+                    self._failed(w, f"{_named(by_id[uid])}: {error}", dispatcher, pending)
                     continue
                 dispatcher.complete(w, uid)
                 for unit in by_id[uid]:
@@ -195,7 +200,7 @@ class RayEvaluator(Recovery):
             for w in self.policy.hung(dispatcher.workers.values(), now):
                 stuck = min(dispatcher.workers[w].in_flight)
                 self._kill(w)
-                self._failed(w, f"work unit {stuck} made no progress within workers.unit_timeout_s={self.timeout_s:g}s (hung)",
+                self._failed(w, f"{_named(by_id[stuck])} made no progress within workers.unit_timeout_s={self.timeout_s:g}s (hung)",
                              dispatcher, pending)
             self._check_stalled(dispatcher, now)
         self.last_counts = units_done
@@ -279,17 +284,26 @@ class RayEvaluator(Recovery):
                        "reduce_s": busy, "reduce_bytes": received, **self.meter.finish()}
 
     def calls(self, units: list[WorkUnit]) -> list[Call]:
-        """`units` cut into calls of consecutive units: one message to a worker and one reply per call.
+        """`units` as calls of consecutive units: one message to a worker and one reply per call.
 
-        Units smaller than data.block_rows (a dataset of many small shards, such as the notes'
-        10,000 patches in 10 shards) are merged, as long as every live worker still gets `depth`
-        calls (reading one while computing another); units of block_rows stay one per call. The
-        sums are still the units' own, reduced in the canonical order: only the messages change.
+        Only units under MIN_UNIT_ROWS rows are merged (a dataset of many small shards, such as the
+        notes' 10,000 patches in shards of 1,024): consecutive ones travel together up to
+        min(block_rows, rows / (depth × live workers)) rows a call, so every live worker still gets
+        `depth` calls (reading one while computing another). Units of MIN_UNIT_ROWS or more, the
+        tapered pieces included, stay one per call. The sums are still the units' own, reduced in
+        the canonical order: only the messages change.
         """
         live = max(1, len(self.workers) - len(self._down))
-        rows = sum(u.rows for u in units)
-        count = min(len(units), max(self.depth * live, -(-rows // max(1, self.cfg.data.block_rows))))
-        return [tuple(units[i] for i in part) for part in np.array_split(np.arange(len(units)), count)] if count else []
+        cap = min(self.cfg.data.block_rows, -(-sum(u.rows for u in units) // (self.depth * live)))
+        calls: list[list[WorkUnit]] = []
+        for unit in units:
+            last = calls[-1] if calls else None
+            if (last is not None and unit.rows < MIN_UNIT_ROWS and last[-1].rows < MIN_UNIT_ROWS
+                    and sum(u.rows for u in last) + unit.rows <= cap):
+                last.append(unit)
+            else:
+                calls.append([unit])
+        return [tuple(call) for call in calls]
 
     def _group_seed(self, units: list[WorkUnit], mode: str) -> dict[int, int] | None:
         """grouped/tree: give each reduction group to one live worker (group j -> the j-th, round

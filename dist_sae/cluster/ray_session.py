@@ -3,7 +3,7 @@
 Builds the worker actors (one per CPU slot or GPU, or as workers.pools asks), a driver-side
 PassProblem over a RayEvaluator (for `evaluate`), and on `stepper(theta0)` a ParameterServer actor pinned to the driver's node,
 driven through a thin proxy. Actors are named `dist_sae.ParameterServer` and `dist_sae.worker-N`
-in a namespace unique to the run, so `ray list actors` and the dashboard show them and two runs
+in a namespace unique to the run, so `ray list actors` and the dashboard (workers.dashboard) show them and two runs
 on one cluster do not clash.
 """
 
@@ -23,7 +23,8 @@ from dist_sae.config import Config
 
 from dist_sae.sections import WorkersConfig
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import PassProblem, minibatches
+from dist_sae.train.passes import PassProblem
+from dist_sae.train.units import minibatches
 from dist_sae.errors import ConfigError, TrainingError
 from dist_sae.cluster import runtime
 from dist_sae.cluster.evaluator import RayEvaluator

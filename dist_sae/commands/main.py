@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None, fast_exit: bool | None = None) -> int:
     """
     code = _run(argv)
     if argv is None if fast_exit is None else fast_exit:
+        if "ray" in sys.modules:  # a command that left a private Ray up (data build --ray): atexit would stop it
+            from dist_sae.cluster.runtime import stop_local
+
+            stop_local(wait=False)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

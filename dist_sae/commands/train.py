@@ -87,7 +87,8 @@ def cmd_train(args) -> int:
         cfg = resume_config(run_dir, args.config, overrides, **flags)
     else:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
-    result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change)
+    result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change,
+                       fast_stop=True)  # the process ends right after
     if result.finished:
         print(f"{result.run_dir} is finished at step {result.steps} ({result.finished}); nothing was changed. "
               f"To train further, raise optim.steps: `dist-sae train --resume {result.run_dir} optim.steps=N` with N > {result.steps}")

@@ -146,11 +146,6 @@ class BufferPool(Generic[B]):
                 self._free.append(buf)
         return buf is not None
 
-    def forget(self, view: B) -> None:
-        """A lent view that now lives on elsewhere (e.g. in a block cache): never reuse its buffer."""
-        with self._lock:
-            self._lent.pop(self.address(view), None)
-
     def clear(self) -> None:
         with self._lock:
             self._free.clear()

@@ -18,23 +18,23 @@ import numpy as np
 import torch
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset, WorkUnit
 from dist_sae.data.reader import BlockReader, BufferPool, prefetch
 from dist_sae.data.storage import shard_cache
 from dist_sae.errors import TrainingError
-from dist_sae.sae.model import SparseAutoencoder, layer_sizes
+from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
 from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
 from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
 from dist_sae.sae.backward import BACKWARDS, Workspace
 from dist_sae.train.inputs import input_transform, resolve_device, row_noise
+from dist_sae.train.units import local_threads, pass_units
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PASS_KINDS = ("pass1", "pass2", "onepass")
 STREAM_BUFFERS = 2  # block buffers kept for reuse beyond data.prefetch: the block in compute + one being read
-TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any PassRunner changes it
 
 
 class PassRunner:
@@ -77,7 +77,9 @@ class PassRunner:
         self._staging = BufferPool(lambda n: np.empty((n, self.dataset.dim), np.dtype(self.dataset.dtype)), cap, keep, _address)
         self._blocks = BufferPool(lambda n: torch.empty((n, self._dim), dtype=self.dtype), cap, keep, _address)
         self._convert = self.input_transform is not None or np.dtype(self.dataset.dtype) != np.dtype(cfg.compute.dtype)
-        self.workspace = Workspace(cap)  # the blocks' (B, h) intermediates, reused (compute runs one block at a time)
+        # The blocks' (B, h) intermediates, reused (compute runs one block at a time): made at
+        # block_rows on the CPU, where untouched pages cost nothing; on a GPU at the rows a block needs.
+        self.workspace = Workspace(cap if self.device.type == "cpu" else 0)
         self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
@@ -351,58 +353,6 @@ class PassProblem:
             if key in pass1_timing and key in ev.stats:
                 ev.stats[key] += pass1_timing[key]
         return ev
-
-
-def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[WorkUnit]]:
-    """Minibatches of `batch_size` contiguous rows (within a shard), each split into `parts` work units.
-
-    Unit ids are unique across all batches, so a batch's parts reduce in a fixed order.
-    """
-    batches, next_id = [], 0
-    for shard, info in enumerate(dataset.shards):
-        for start in range(0, info.rows, batch_size):
-            stop = min(start + batch_size, info.rows)
-            bounds = np.linspace(start, stop, min(parts, stop - start) + 1).round().astype(int)
-            batch = []
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                batch.append(WorkUnit(next_id, shard, int(lo), int(hi)))
-                next_id += 1
-            batches.append(batch)
-    return batches
-
-
-SMALL_UNIT_WORK = 2**25  # rows × parameters of a work unit under which one torch thread is faster
-
-
-def local_threads(cfg: Config, dataset: Dataset) -> int:
-    """Torch threads of the single-process engine: compute.threads, else by the size of a work unit.
-
-    Intra-op threads pay only on large products: on the notes' exercise (10,000 rows cut into
-    1,000-row units, 64-25-64) an exact evaluation took 26.5 ms with 2 threads and 17.1 ms with 1
-    on a quiet 2-core machine (float32: 66.7 and 9.5 ms), while 784-1024-784 on 4,096-row units
-    runs 1.7× faster on 2. So 0 means all the cores torch sees when a unit's rows × the model's
-    parameters reach SMALL_UNIT_WORK (the largest pass unit, or the minibatch), else 1.
-
-    A function of the config and the data only, deliberately not of the machine's load: the thread
-    count changes the float summation order inside matrix products, so a load-dependent choice
-    would make two runs of the same config differ in their last bits (and L-BFGS amplifies that
-    over hundreds of steps). On a machine shared with other busy processes set compute.threads=1:
-    intra-op threads that share their cores spin-wait on each other (measured up to 40× slower on
-    a busy 2-core machine; see the README's performance section).
-    """
-    if cfg.compute.threads > 0:
-        return cfg.compute.threads
-    rows = max((u.rows for u in pass_units(cfg, dataset)), default=0)
-    if not cfg.optim.full_batch:
-        rows = min(rows, cfg.optim.batch_size)
-    sizes = layer_sizes(cfg.model.visible, cfg.model.hidden)
-    params = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
-    return 1 if rows * params < SMALL_UNIT_WORK else TORCH_DEFAULT_THREADS
-
-
-def pass_units(cfg: Config, dataset: Dataset) -> list[WorkUnit]:
-    """The work units of a full pass, cut the same way by every engine."""
-    return dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)
 
 
 def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> PassProblem:

@@ -149,7 +149,7 @@ def test_plain_worker_on_two_threads_reuses_a_few_buffers_and_sums_as_the_runner
     theta = initial_theta(cfg, None)
     units = ds.units(cfg.data.block_rows, taper=True)
     worker = Worker(cfg.model_dump(), str(tmp_path / "d"))
-    local = LocalEvaluator(PassRunner(cfg, ds), cfg.data.block_rows)
+    local = LocalEvaluator(PassRunner(cfg, ds))
     try:
         with ThreadPoolExecutor(2) as pool:
             got = dict(r[:2] for r in pool.map(lambda u: worker.run("pass1", astuple(u), "k", theta), units))
@@ -255,7 +255,7 @@ def test_onepass_equals_twopass_on_ray(sessions, data):
 
 @pytest.mark.ray
 def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data):
-    cfg = ray_config(data, workers__num=2, data__block_rows=10)  # 103 units of up to 10 rows
+    cfg = ray_config(data, workers__num=2, data__block_rows=10)  # 103 units of up to 10 rows (MIN_UNIT_ROWS is 4,096)
     session = ClusterSession(cfg, Dataset.open(data))
     try:
         evaluator = session.problem.evaluator
@@ -263,10 +263,18 @@ def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data)
         def cut(rows: list[int]) -> list[list[int]]:
             return [[u.id for u in call] for call in evaluator.calls([WorkUnit(i, 0, 0, r) for i, r in enumerate(rows)])]
 
-        assert cut([2] * 12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]  # 24 rows: 4 calls, 2 per worker
-        assert cut([10] * 4) == [[0], [1], [2], [3]]  # units of block_rows rows: one per call
-        assert len(cut([10] * 30)) == 30
-        assert len(evaluator.calls(evaluator.units)) == 100  # the 3-row shard tails travel with a neighbour
+        # block_rows=10 caps a call at 10 rows: 2-row units go 5 to a call, 10-row units alone
+        assert cut([2] * 12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]  # 24 rows: >= 2 calls per worker
+        assert cut([2] * 40) == [list(range(i, i + 5)) for i in range(0, 40, 5)]
+        assert cut([10] * 4) == [[0], [1], [2], [3]]
+        assert len(evaluator.calls(evaluator.units)) == 102  # the last shard's 3-row tail travels with the 1-row shard
+        # Units of MIN_UNIT_ROWS or more (full blocks, tapered pieces) stay one per call, whatever the cap.
+        evaluator.cfg = cfg.with_overrides({"data.block_rows": 16384})
+        try:
+            assert cut([16384] * 4 + [8192] * 4 + [4096] * 8) == [[i] for i in range(16)]
+            assert cut([1024] * 10) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # the notes' shards: 2 per call
+        finally:
+            evaluator.cfg = cfg
         theta = initial_theta(cfg, None)
         ref = local_problem(cfg, Dataset.open(data)).evaluate(theta)
         ev = session.problem.evaluate(theta)

@@ -14,7 +14,8 @@ from dist_sae.api import train
 from dist_sae.train.checkpoint import latest_checkpoint, list_checkpoints
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem, minibatches
+from dist_sae.train.passes import local_problem
+from dist_sae.train.units import TORCH_DEFAULT_THREADS, local_threads, minibatches
 from dist_sae.errors import CheckpointError, DataError
 from dist_sae.sae.model import load_model
 from dist_sae.train.optim import Trainer
@@ -232,3 +233,16 @@ def test_default_exact_rho_hat_reaches_the_target_where_once_per_epoch_does_not(
     assert lines[0]["rho_hat_staleness"] == 0 and "rho_hat_error" not in lines[0]
     assert 0 < lines[-1]["rho_hat_error"] < 0.1 and lines[-1]["rho_hat_error_max"] >= lines[-1]["rho_hat_error"]
     assert lines[-1]["refresh_s"] > 0
+
+
+def test_local_threads_one_for_small_units_all_cores_for_large(tmp_path):
+    make_dataset(tmp_path / "d", random_rows(2000, 8, seed=1), shard_rows=1000)  # two units of 1,000 rows
+    ds = Dataset.open(tmp_path / "d")
+
+    def threads(**overrides) -> int:
+        return local_threads(bind_dataset(config(tmp_path / "d", compute__threads=0, **overrides), ds), ds)
+
+    assert threads() == 1  # 1,000 rows × 433 parameters
+    assert threads(model__hidden=[4096]) == TORCH_DEFAULT_THREADS  # 1,000 × 69,640 >= 2**25
+    assert threads(model__hidden=[4096], optim__method="adam", optim__batch_size=16) == 1  # a minibatch is the unit
+    assert local_threads(bind_dataset(config(tmp_path / "d", compute__threads=3), ds), ds) == 3  # compute.threads wins
