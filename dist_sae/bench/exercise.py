@@ -12,7 +12,7 @@ same L-BFGS iterations; each round runs every kind once, in rotating order; figu
     local32        `dist-sae train --local compute.dtype=float32`
     demo           `dist-sae demo --quiet` (data, training on Ray, report) in a temporary folder
     startup        Ray start-up alone (dist_sae.bench.ray_startup)
-    ray_onepass    optional: `dist-sae train sparsity.passes=1`; ray_float32: `compute.dtype=float32`
+    ray_twopass    optional: `dist-sae train sparsity.passes=2` (the default takes one pass here); ray_float32: `compute.dtype=float32`
 
     exercise_ray_vs_peer, exercise_attached_vs_peer, exercise_local_vs_peer, exercise_local32_vs_peer
         median wall of that run / median wall of peer_1thread; J_rel_diff_<run>_vs_peer is its final J
@@ -47,7 +47,7 @@ from dist_sae.train.inputs import bind_dataset
 NOTES_OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in NOTES_SETTINGS.items() if k not in ("optim.steps", "sparsity.passes")]
 TRAIN_RUNS = {  # name -> (extra arguments of `dist-sae train`)
     "ray": [], "attached": [], "local": ["--local"], "local32": ["--local", "compute.dtype=float32"],
-    "ray_onepass": ["sparsity.passes=1"], "ray_float32": ["compute.dtype=float32"],
+    "ray_twopass": ["sparsity.passes=2"], "ray_float32": ["compute.dtype=float32"],
 }
 VS_PEER = ("ray", "attached", "local", "local32")  # the issue's ratios: exercise_<name>_vs_peer
 
@@ -88,7 +88,7 @@ def rotating(order: list[str], reps: int, run_one) -> dict[str, list[dict]]:
     return runs
 
 
-def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, onepass: bool = True, demo: bool = True,
+def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, twopass: bool = True, demo: bool = True,
                    attached: bool = True, demo_patches: int | None = None) -> dict:
     """Every run of the module docstring, interleaved; the figures, J of each and the issue's ratios.
 
@@ -104,7 +104,7 @@ def bench_exercise(tmp: Path, steps: int, reps: int, float32: bool = False, onep
     notes = ["attached: skipped, no `ray` CLI to start a head with"] if attached and ray_cli() is None else []
     attached = attached and not notes
     order = ["peer_1thread", "ray", "local", "local32", "peer", "startup"] + ["attached"] * attached + ["demo"] * demo
-    order += ["ray_onepass"] * onepass + ["ray_float32"] * float32
+    order += ["ray_twopass"] * twopass + ["ray_float32"] * float32
     # The head as the private local Ray is: every CPU of the machine, one worker per CPU.
     head = start_head(num_cpus=os.cpu_count() or 1, dashboard=False) if attached else None
 

@@ -139,7 +139,7 @@ def run_suite(out_dir: Path, size: str = "full", reps: int | None = None, skip: 
             _ray_parts(report, ratios, data, tmp, sz, reps, skip)
         if "exercise" not in skip:
             log(f"exercise: {sz['steps']} iterations x {sz['exercise_reps']}")
-            report["exercise"] = bench_exercise(tmp, sz["steps"], sz["exercise_reps"], float32, onepass=size == "full",
+            report["exercise"] = bench_exercise(tmp, sz["steps"], sz["exercise_reps"], float32, twopass=size == "full",
                                             demo_patches=sz.get("demo_patches"))
             ratios.update(report["exercise"]["ratios"])
         if "gemm" not in skip:

@@ -13,7 +13,7 @@ EXERCISE_RUNS = {  # exercise run -> its row in the table
     "attached": "`dist-sae train --address` (a running local Ray head)",
     "local": "`dist-sae train --local`",
     "local32": "`dist-sae train --local compute.dtype=float32`",
-    "ray_onepass": "`dist-sae train sparsity.passes=1` (private local Ray)",
+    "ray_twopass": "`dist-sae train sparsity.passes=2` (private local Ray, two passes per evaluation)",
     "ray_float32": "`dist-sae train compute.dtype=float32` (private local Ray)",
     "demo": "`dist-sae demo` (data, training on Ray, report)",
 }
