@@ -253,6 +253,7 @@ class RayEvaluator(Recovery):
             timing["read_s"] += stats["read_s"]
             timing["compute_s"] += stats["compute_s"]
             worker = self._affinity[uid]  # set by _results to the worker that ran it
+            self._pids[worker] = stats.get("pid")
             self.meter.done(self.kinds[worker], unit.rows)
             busy_s = max(stats["read_s"], stats["compute_s"])  # reads overlap compute: the slower one paces it
             if busy_s > 0:

@@ -43,6 +43,8 @@ class Recovery:
         self._down: dict[int, bool] = {}  # workers not taking units: index -> running as a new actor
         self._generation = [0] * len(self.workers)  # replacements started per worker index
         self._stalled_since: float | None = None
+        self._pids: dict[int, int | None] = {}  # worker -> the process id its last unit ran in
+        self._stale: dict[int, int | None] = {}  # a killed worker -> the process id that must not answer its probe
 
     def _wait_s(self, dispatcher: Dispatcher) -> float | None:
         """How long ray.wait may block: until the next worker would count as hung, or no limit."""
@@ -66,6 +68,9 @@ class Recovery:
 
     def _kill(self, worker: int) -> None:
         """Kill a hung worker's process; Ray restarts it (its restarts permitting)."""
+        # ray.kill returns before the process is gone: until it is, the old (hung) process may still
+        # answer the probe from a free concurrency slot, and units sent then fail a second time.
+        self._stale[worker] = self._pids.get(worker)
         try:
             ray.kill(self.workers[worker], no_restart=False)
         except Exception as exc:  # already gone
@@ -113,7 +118,7 @@ class Recovery:
         worker = self._probes.pop(ref)
         new_actor = self._down[worker]
         try:
-            ray.get(ref)
+            answer = ray.get(ref)
         except ray.exceptions.RayError as exc:
             error = runtime.library_error(exc, f"restarting worker {worker}")
             if not isinstance(error, TrainingError):
@@ -125,6 +130,12 @@ class Recovery:
             self._count_failure(status, f"its replacement did not start ({runtime.last_line(exc)})", [])
             self._restart(worker, new_actor=True)
             return
+        stale = self._stale.get(worker)
+        if stale is not None and answer.get("pid") == stale:  # the killed process, not yet gone: ask again
+            time.sleep(0.05)
+            self._probes[self.workers[worker].info.options(max_task_retries=-1).remote()] = worker
+            return
+        self._stale.pop(worker, None)
         del self._down[worker]
         dispatcher.worker_joined(worker)
         log.info("worker %d is back and takes units again", worker)

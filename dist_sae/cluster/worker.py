@@ -86,6 +86,7 @@ class Worker:
         self._g_key: object = None
         self._fault: tuple[str, int] | None = None  # test-only: (exit | hang, units left before it)
         self._node = _node_id()
+        self._pid = os.getpid()  # in each unit's stats: a killed worker's probe must not be answered by its old process
 
     def inject_fault(self, after_units: int, kind: str = "exit") -> None:
         """Test-only fault knob: after `after_units` more units, fail inside the next one.
@@ -171,7 +172,7 @@ class Worker:
                 time.sleep(self.delay_s)
             t3 = time.perf_counter()
         self.runner.release(block)  # its buffers are reused by the next load (the sums do not refer to it)
-        return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2}
+        return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2, "pid": self._pid}
 
     def run_many(self, kind: str, units: list[tuple[int, int, int, int]], *context: Any) -> list[tuple[int, Sums, dict[str, float]]]:
         """`run` for each of several units (context: its theta_key, theta, g_key, g), answered in one

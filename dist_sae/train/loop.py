@@ -71,6 +71,10 @@ class _StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.terminated = False  # SIGTERM came: stop after the step in flight, or at once if it is abandoned
+        # Only a step in flight is abandoned at once (Terminated raised into it, it rolls back);
+        # between steps (metrics, progress, checkpoints) SIGTERM is only noted, and the loop stops
+        # with a checkpoint of the step just done: an exception there would skip that checkpoint.
+        self.stepping = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -88,7 +92,8 @@ class _StopRequest:
     def _terminate(self, signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one roll-back and checkpoint, not two
         self.terminated = True
-        raise Terminated("SIGTERM")
+        if self.stepping:
+            raise Terminated("SIGTERM")
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
@@ -186,7 +191,11 @@ def _loop(cfg: Config, dataset: Dataset, run_dir: Path, stepper: Stepper, tensor
             while step < total and not stepper.converged:
                 n = min(total - step, chunk, every - step % every if every else chunk)
                 try:
-                    done = stepper.steps(n)
+                    stop.stepping = True
+                    try:
+                        done = stepper.steps(n)
+                    finally:  # a SIGTERM before this is handled below, as one during the step
+                        stop.stepping = False
                 except CheckpointError:
                     raise
                 except DistSaeError as exc:

@@ -256,3 +256,24 @@ def test_resume_truncates_metrics_after_the_checkpoint_and_a_line_cut_short(tmp_
     assert truncate_metrics(path, 3) == 3
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert truncate_metrics(path, 3) == 0 and truncate_metrics(tmp_path / "none.jsonl", 3) == 0
+
+
+def test_sigterm_between_steps_stops_after_the_step_with_its_checkpoint(tmp_path):
+    """SIGTERM while the loop writes a step's metrics (no step in flight) is noted, not raised there:
+    the loop checkpoints the step just done and stops, with the message that says so."""
+    from dist_sae.errors import Terminated
+    from dist_sae.train.loop import _loop
+
+    make_dataset(tmp_path / "d", smooth_patches(200, seed=3), shard_rows=100)
+    ds = Dataset.open(tmp_path / "d")
+    cfg = bind_dataset(config(tmp_path / "d", optim__steps=5, run__checkpoint_every=0, run__out=str(tmp_path / "run")), ds)
+    (tmp_path / "run").mkdir()
+    session = LocalSession(cfg, ds)
+    try:
+        stepper = session.stepper(initial_theta(cfg, None))
+        # first_step runs after step 1 has succeeded, between steps: where a metrics line is written.
+        with pytest.raises(Terminated, match="stopped on SIGTERM after step 1: checkpoint"):
+            _loop(cfg, ds, tmp_path / "run", stepper, first_step=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        session.close()
+    assert int(latest_checkpoint(tmp_path / "run")[0]["meta"]["step"]) == 1
