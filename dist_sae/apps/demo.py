@@ -143,6 +143,7 @@ def run_demo(
     overwrite: bool = False,
     quiet: bool = False,
     seed: int = 0,
+    fast_stop: bool = False,
 ) -> DemoResult:
     """Build the data, train the notes' sparse autoencoder and write its report.
 
@@ -157,6 +158,7 @@ def run_demo(
         overwrite: use a non-empty `out` that holds no previous demo.
         quiet: no progress bars.
         seed: patch sampling and initialisation seed.
+        fast_stop: see api.train (the CLI, whose process ends right after).
 
     Returns:
         DemoResult; `result.weights` is the weight-grid PNG.
@@ -179,7 +181,7 @@ def run_demo(
     dataset = build_data(out / DATA_DIR, digits, patches, seed)
     t_data = time.perf_counter()
     cfg = demo_config(dataset.path, out / RUN_DIR, dataset.rows, steps, local, address, workers, quiet, seed)
-    result = train(cfg, overwrite=True)
+    result = train(cfg, overwrite=True, fast_stop=fast_stop)
     t_end = time.perf_counter()
     run_dir = result.run_dir
     page = run_dir / "report" / "report.html"

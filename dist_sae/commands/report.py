@@ -60,6 +60,7 @@ def cmd_demo(args) -> int:
     result = demo_mod.run_demo(
         out=args.out, digits=args.digits, patches=args.patches, steps=args.steps, local=args.local,
         address=args.address, workers=args.workers, overwrite=args.overwrite, quiet=args.quiet, seed=args.seed,
+        fast_stop=True,  # the process ends right after
     )
     first, final = result.first, result.final
     s = result.seconds
