@@ -42,9 +42,8 @@ from dist_sae.sae.model import load_model
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
 
-# The exercise's settings, less the iterations (a parameter) and the pass mode (the engine's default:
-# the one-pass mode gives the same exact gradient, so a default that chose it is measured as such).
-NOTES_OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in NOTES_SETTINGS.items() if k not in ("optim.steps", "sparsity.passes")]
+# The exercise's settings, less the iterations (a parameter); the pass mode is the engine's default.
+NOTES_OVERRIDES = [f"{k}={json.dumps(v)}" for k, v in NOTES_SETTINGS.items() if k != "optim.steps"]
 TRAIN_RUNS = {  # name -> (extra arguments of `dist-sae train`)
     "ray": [], "attached": [], "local": ["--local"], "local32": ["--local", "compute.dtype=float32"],
     "ray_twopass": ["sparsity.passes=2"], "ray_float32": ["compute.dtype=float32"],

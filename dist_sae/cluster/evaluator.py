@@ -297,13 +297,14 @@ class RayEvaluator(Recovery):
         live = max(1, len(self.workers) - len(self._down))
         cap = min(self.cfg.data.block_rows, -(-sum(u.rows for u in units) // (self.depth * live)))
         calls: list[list[WorkUnit]] = []
+        rows = 0  # rows of the last call
         for unit in units:
-            last = calls[-1] if calls else None
-            if (last is not None and unit.rows < MIN_UNIT_ROWS and last[-1].rows < MIN_UNIT_ROWS
-                    and sum(u.rows for u in last) + unit.rows <= cap):
-                last.append(unit)
+            if calls and unit.rows < MIN_UNIT_ROWS and calls[-1][-1].rows < MIN_UNIT_ROWS and rows + unit.rows <= cap:
+                calls[-1].append(unit)
+                rows += unit.rows
             else:
                 calls.append([unit])
+                rows = unit.rows
         return [tuple(call) for call in calls]
 
     def _group_seed(self, units: list[WorkUnit], mode: str) -> dict[int, int] | None:

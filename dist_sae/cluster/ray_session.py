@@ -205,7 +205,6 @@ class ClusterSession:
 
     def stepper(self, theta0: np.ndarray) -> RemoteStepper:
         """A trainer on a ParameterServer actor on the driver's node, starting from θ0."""
-        theta0 = np.asarray(theta0, dtype=np.float64)
         if self._server_theta0 is None or not np.array_equal(self._server_theta0, theta0):
             self._start_server(theta0)
         self._server_theta0 = None  # the next stepper gets a fresh server
@@ -213,6 +212,7 @@ class ClusterSession:
 
     def _start_server(self, theta0: np.ndarray) -> None:
         """(Re)start the ParameterServer actor from θ0; returns at once (its constructor runs on its own)."""
+        theta0 = np.array(theta0, dtype=np.float64)  # a copy: what `stepper` compares against
         parts = self.cfg.optim.batch_parts or self.num_workers
         batches = None if self.cfg.optim.full_batch else minibatches(self.dataset, self.cfg.optim.batch_size, parts)
         if self.server is not None:
@@ -230,9 +230,9 @@ class ClusterSession:
                 num_cpus=0,  # it only adds sums and steps; the CPU slots are the workers'
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=runtime.node_id(), soft=False),
             )
-            .remote(self._config, self.dataset_path, list(self.workers), np.asarray(theta0, dtype=np.float64), batches, self.launcher)
+            .remote(self._config, self.dataset_path, list(self.workers), theta0, batches, self.launcher)
         )
-        self._server_theta0 = np.array(theta0, dtype=np.float64)
+        self._server_theta0 = theta0
 
     def close(self, fast: bool = False) -> None:
         """Kill the actors this session made; shut Ray down only if this session started it.

@@ -55,9 +55,9 @@ class ParameterServer:
         # methods run on pool threads, and OpenMP's thread count is a per-thread setting (a thread
         # that never set it uses every core: θ then differed from --local in the last bit).
         dataset = Dataset.open(dataset_path, verify_shards=False)
-        self.threads = local_threads(cfg, dataset)
+        self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)  # no torch work: threads are set next
+        self.threads = local_threads(cfg, self.evaluator.units)
         torch.set_num_threads(self.threads)
-        self.evaluator = RayEvaluator(cfg, dataset, list(workers), launcher=launcher)
         self.problem = PassProblem(self.evaluator, cfg)
         self.stepper = AtomicStepper(Trainer(cfg, self.problem, np.array(theta0, dtype=np.float64), batches))
 

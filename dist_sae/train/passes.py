@@ -243,10 +243,10 @@ class Evaluator(Protocol):
 class LocalEvaluator:
     """Runs passes in this process: blocks are read ahead in a thread and reduced in unit order."""
 
-    def __init__(self, runner: PassRunner, prefetch_depth: int = 2) -> None:
+    def __init__(self, runner: PassRunner, prefetch_depth: int = 2, units: list[WorkUnit] | None = None) -> None:
         self.runner = runner
         self.prefetch_depth = prefetch_depth
-        self.units = pass_units(runner.cfg, runner.dataset)
+        self.units = units if units is not None else pass_units(runner.cfg, runner.dataset)  # (its caller's, when cut already)
         self.rows = runner.dataset.rows
         self._version = 0
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
@@ -357,8 +357,9 @@ class PassProblem:
 
 def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> PassProblem:
     """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
-    threads = local_threads(cfg, dataset)
+    units = pass_units(cfg, dataset)
+    threads = local_threads(cfg, units)
     if threads != torch.get_num_threads():
         log.info("single-process engine: %d torch thread(s) (compute.threads=%d)", threads, cfg.compute.threads)
     runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads, backward)
-    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch), cfg)
+    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch, units), cfg)

@@ -33,7 +33,7 @@ def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[Work
 SMALL_UNIT_WORK = 2**25  # rows × parameters of a work unit under which one torch thread is faster
 
 
-def local_threads(cfg: Config, dataset: Dataset) -> int:
+def local_threads(cfg: Config, units: list[WorkUnit]) -> int:
     """Torch threads of the single-process engine: compute.threads, else by the size of a work unit.
 
     Intra-op threads pay only on large products: on the notes' exercise (10,000 rows cut into
@@ -51,7 +51,7 @@ def local_threads(cfg: Config, dataset: Dataset) -> int:
     """
     if cfg.compute.threads > 0:
         return cfg.compute.threads
-    rows = max((u.rows for u in pass_units(cfg, dataset)), default=0)
+    rows = max((u.rows for u in units), default=0)
     if not cfg.optim.full_batch:
         rows = min(rows, cfg.optim.batch_size)
     sizes = layer_sizes(cfg.model.visible, cfg.model.hidden)

@@ -15,7 +15,7 @@ from dist_sae.train.checkpoint import latest_checkpoint, list_checkpoints
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.train.passes import local_problem
-from dist_sae.train.units import TORCH_DEFAULT_THREADS, local_threads, minibatches
+from dist_sae.train.units import TORCH_DEFAULT_THREADS, local_threads, minibatches, pass_units
 from dist_sae.errors import CheckpointError, DataError
 from dist_sae.sae.model import load_model
 from dist_sae.train.optim import Trainer
@@ -240,9 +240,10 @@ def test_local_threads_one_for_small_units_all_cores_for_large(tmp_path):
     ds = Dataset.open(tmp_path / "d")
 
     def threads(**overrides) -> int:
-        return local_threads(bind_dataset(config(tmp_path / "d", compute__threads=0, **overrides), ds), ds)
+        cfg = bind_dataset(config(tmp_path / "d", compute__threads=0, **overrides), ds)
+        return local_threads(cfg, pass_units(cfg, ds))
 
     assert threads() == 1  # 1,000 rows × 433 parameters
     assert threads(model__hidden=[4096]) == TORCH_DEFAULT_THREADS  # 1,000 × 69,640 >= 2**25
     assert threads(model__hidden=[4096], optim__method="adam", optim__batch_size=16) == 1  # a minibatch is the unit
-    assert local_threads(bind_dataset(config(tmp_path / "d", compute__threads=3), ds), ds) == 3  # compute.threads wins
+    assert local_threads(bind_dataset(config(tmp_path / "d", compute__threads=3), ds), []) == 3  # compute.threads wins
