@@ -190,6 +190,8 @@ class ComputeConfig(Section):
     """auto: cuda where a worker has a GPU assigned, else cpu."""
     threads: int = Field(default=0, ge=0)
     """Torch intra-op threads per worker; 0: a Ray worker's CPU share, and for a single process all cores when a work unit is large (rows × parameters >= 2**25), else 1 (small products run faster on one thread). Set 1 on a machine busy with other processes."""
+    lanes: int = Field(default=0, ge=0)
+    """Work units a single process (--local, and `evaluate`) computes at once, each on a thread of its own; 0: one per core when units are small enough to run on one torch thread each (see threads) on the CPU, else 1. The sums are the same for any count."""
 
 
 class PoolConfig(Section):

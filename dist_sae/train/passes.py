@@ -28,7 +28,8 @@ from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
 from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
 from dist_sae.sae.backward import BACKWARDS, Workspace
 from dist_sae.train.inputs import input_transform, resolve_device, row_noise
-from dist_sae.train.units import local_threads, pass_units
+from dist_sae.train.lanes import Lanes
+from dist_sae.train.units import local_lanes, local_threads, pass_units
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +180,20 @@ class PassRunner:
             return x + (draws * self.noise.sigma).to(x.device, x.dtype)
         return x * (draws >= self.noise.p).to(x.device, x.dtype)
 
-    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray | torch.Tensor) -> Sums:
-        """Partial sums of one unit's rows (as read, or as `load` gives them) for pass1, pass2 or onepass."""
+    def compute(self, kind: str, unit: WorkUnit, block: np.ndarray | torch.Tensor, ws: Workspace | None = None) -> Sums:
+        """Partial sums of one unit's rows (as read, or as `load` gives them) for pass1, pass2 or onepass.
+
+        ws: where the intermediates go (default: the runner's own; a lane of train/lanes.py brings its own).
+        """
+        ws = ws or self.workspace
         x = block if isinstance(block, torch.Tensor) else self.to_device(block)
         x_in = self.corrupt(x, unit)
         if kind == "pass1":
-            return pass1_block(self.model, x if x_in is None else x_in, self.workspace)
+            return pass1_block(self.model, x if x_in is None else x_in, ws)
         if kind == "pass2":
-            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x), self.backward, self.workspace)
+            return pass2_block(self.model, self.obj, x, self.g, x_in, self.dead, self.data_sums(unit, x), self.backward, ws)
         if kind == "onepass":
-            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x), self.backward, self.workspace)
+            return onepass_block(self.model, self.obj, x, x_in, self.data_sums(unit, x), self.backward, ws)
         raise ValueError(f"unknown pass {kind!r}")
 
     def data_sums(self, unit: WorkUnit, x: torch.Tensor) -> Sums:
@@ -241,10 +246,12 @@ class Evaluator(Protocol):
 
 
 class LocalEvaluator:
-    """Runs passes in this process: blocks are read ahead in a thread and reduced in unit order."""
+    """Runs passes in this process: blocks are read ahead in a thread (or computed on `lanes`) and reduced in unit order."""
 
-    def __init__(self, runner: PassRunner, prefetch_depth: int = 2, units: list[WorkUnit] | None = None) -> None:
+    def __init__(self, runner: PassRunner, prefetch_depth: int = 2, units: list[WorkUnit] | None = None,
+                 lanes: Lanes | None = None) -> None:
         self.runner = runner
+        self.lanes = lanes
         self.prefetch_depth = prefetch_depth
         self.units = units if units is not None else pass_units(runner.cfg, runner.dataset)  # (its caller's, when cut already)
         self.rows = runner.dataset.rows
@@ -260,6 +267,15 @@ class LocalEvaluator:
         io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
         t0 = mark = time.perf_counter()
+        if self.lanes is not None:
+            for unit, sums in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
+                reducer.add(unit.id, sums)
+                if bar is not None:
+                    bar.update(unit.rows)
+            if bar is not None:
+                bar.close()
+            mark = time.perf_counter()
+            return reducer.total, {"io_s": 0.0, "compute_s": mark - t0, "wall_s": mark - t0}
         for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
             got = time.perf_counter()
             io_s += got - mark
@@ -273,6 +289,14 @@ class LocalEvaluator:
             bar.close()
         return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
 
+    def _unit(self, kind: str, unit: WorkUnit, ws: Workspace) -> Sums:
+        """One unit on a lane: loaded, computed into the lane's workspace, its block handed back."""
+        block = self.runner.load(unit)
+        try:
+            return self.runner.compute(kind, unit, block, ws)
+        finally:
+            self.runner.release(block)
+
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
         """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
         self._version += 1
@@ -284,6 +308,8 @@ class LocalEvaluator:
 
     def close(self) -> None:
         self._reads.shutdown(wait=True)
+        if self.lanes is not None:
+            self.lanes.close()
         self.runner.close()
 
 
@@ -359,7 +385,9 @@ def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> Pass
     """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
     units = pass_units(cfg, dataset)
     threads = local_threads(cfg, units)
-    if threads != torch.get_num_threads():
-        log.info("single-process engine: %d torch thread(s) (compute.threads=%d)", threads, cfg.compute.threads)
     runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads, backward)
-    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch, units), cfg)
+    count = local_lanes(cfg, units, threads, runner.device)
+    log.info("single-process engine: %d lane(s) of %d torch thread(s) (compute.lanes=%d, compute.threads=%d)",
+             count, threads, cfg.compute.lanes, cfg.compute.threads)
+    lanes = Lanes(count, threads, runner.workspace.rows) if count > 1 else None
+    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch, units, lanes), cfg)

@@ -59,6 +59,19 @@ def local_threads(cfg: Config, units: list[WorkUnit]) -> int:
     return 1 if rows * params < SMALL_UNIT_WORK else TORCH_DEFAULT_THREADS
 
 
+def local_lanes(cfg: Config, units: list[WorkUnit], threads: int, device: torch.device) -> int:
+    """Lanes of the single-process engine (train/lanes.py): compute.lanes, else one per core where
+    each unit runs on one torch thread on the CPU, else 1 (large units use the cores inside their
+    products). Never more than the units of a full pass."""
+    if cfg.compute.lanes > 0:
+        count = cfg.compute.lanes
+    elif device.type != "cpu" or threads != 1:
+        return 1
+    else:
+        count = TORCH_DEFAULT_THREADS
+    return max(1, min(count, len(units)))
+
+
 def pass_units(cfg: Config, dataset: Dataset) -> list[WorkUnit]:
     """The work units of a full pass, cut the same way by every engine."""
     return dataset.units(cfg.data.block_rows, min_units=PASS_MIN_UNITS, taper=cfg.data.taper)

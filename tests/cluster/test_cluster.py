@@ -260,26 +260,38 @@ def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data)
     try:
         evaluator = session.problem.evaluator
 
-        def cut(rows: list[int]) -> list[list[int]]:
-            return [[u.id for u in call] for call in evaluator.calls([WorkUnit(i, 0, 0, r) for i, r in enumerate(rows)])]
+        def cut(rows: list[int]) -> tuple[list[list[int]], list[int]]:
+            """(unit ids per call, the first ids of the calls a worker folds)"""
+            calls, folds = evaluator.calls([WorkUnit(i, 0, 0, r) for i, r in enumerate(rows)])
+            return [[u.id for u in call] for call in calls], sorted(folds)
 
-        # block_rows=10 caps a call at 10 rows: 2-row units go 5 to a call, 10-row units alone
-        assert cut([2] * 12) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]  # 24 rows: >= 2 calls per worker
-        assert cut([2] * 40) == [list(range(i, i + 5)) for i in range(0, 40, 5)]
-        assert cut([10] * 4) == [[0], [1], [2], [3]]
-        assert len(evaluator.calls(evaluator.units)) == 102  # the last shard's 3-row tail travels with the 1-row shard
-        # Units of MIN_UNIT_ROWS or more (full blocks, tapered pieces) stay one per call, whatever the cap.
-        evaluator.cfg = cfg.with_overrides({"data.block_rows": 16384})
-        try:
-            assert cut([16384] * 4 + [8192] * 4 + [4096] * 8) == [[i] for i in range(16)]
-            assert cut([1024] * 10) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # the notes' shards: 2 per call
-        finally:
-            evaluator.cfg = cfg
+        # A whole reduction group (⌈√U⌉ units) within block_rows=10 rows is one folded call.
+        assert cut([2] * 12) == ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], [0, 4, 8])
+        # Groups past block_rows (7 units, 14 rows): up to 10 rows a call, unfolded; the last group (5 units) is folded
+        assert cut([2] * 40) == ([list(range(i, i + 5)) for i in range(0, 40, 5)], [35])
+        assert cut([10] * 4) == ([[0], [1], [2], [3]], [])
+        # Fewer groups than workers (a minibatch's parts): one unit per call, so both workers compute.
+        assert cut([2] * 2) == ([[0], [1]], [])
+        assert len(evaluator.calls(evaluator.units)[0]) == 102  # the last shard's 3-row tail travels with the 1-row shard
         theta = initial_theta(cfg, None)
         ref = local_problem(cfg, Dataset.open(data)).evaluate(theta)
         ev = session.problem.evaluate(theta)
         assert sum(evaluator.last_counts.values()) == len(evaluator.units)  # units, not calls, are counted
         assert ev.loss == ref.loss and np.array_equal(ev.grad, ref.grad)
+        # Units of MIN_UNIT_ROWS or more (full blocks, tapered pieces) stay one per call, whatever the cap.
+        evaluator.cfg = cfg.with_overrides({"data.block_rows": 16384})
+        try:
+            assert cut([16384] * 4 + [8192] * 4 + [4096] * 8) == ([[i] for i in range(16)], [])
+            assert cut([1024] * 10) == ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], [0, 4, 8])  # the notes' shards
+            # Now every group of the 103 units (11 units, up to 110 rows) is folded by a worker: still the same sum.
+            calls, folds = evaluator.calls(evaluator.units)
+            assert len(calls) == len(folds) == 10
+            folded = session.problem.evaluate(theta)
+            assert sum(evaluator.last_counts.values()) == len(evaluator.units)
+            assert folded.loss == ref.loss and np.array_equal(folded.grad, ref.grad)
+            assert [m.tolist() for m in session.problem.layer_means(theta)] == [m.tolist() for m in ev.layer_means]
+        finally:
+            evaluator.cfg = cfg
     finally:
         session.close()
 
