@@ -21,12 +21,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dist_sae.config import Config, load_config
 from dist_sae.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_OUT = "dist_sae_demo"
 MARKER = "demo.json"
@@ -54,8 +55,8 @@ class DemoResult:
     run_dir: Path
     page: Path  # report.html
     weights: Path  # the weight-grid PNG
-    # data (building it), steps (the step loop, run.json "seconds"), train (steps + starting Ray and
-    # its actors + the report), total (the whole command)
+    # data (building it; on Ray, while Ray starts), steps (the step loop, run.json "seconds"), train
+    # (steps + starting the Ray actors + the report), total (the whole command)
     seconds: dict[str, float] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)  # last metrics line
     first: dict[str, Any] = field(default_factory=dict)  # first metrics line
@@ -115,12 +116,24 @@ def demo_config(
         # 10,000 × 64 is too small for intra-op threads to pay: one thread per process is as fast on
         # an idle machine and several times faster on a busy one (Ray workers use one each anyway).
         "compute.threads": 1,
-        "workers.engine": "local" if local else "ray",
-        "workers.num": workers,
+        **_engine(local, address, workers),
     }
+    return load_config(None, items)
+
+
+def _engine(local: bool, address: str | None, workers: int) -> dict[str, Any]:
+    """The demo's workers.* settings."""
+    items: dict[str, Any] = {"workers.engine": "local" if local else "ray", "workers.num": workers}
     if address:
         items["workers.address"] = address
-    return load_config(None, items)
+    return items
+
+
+def _with_api(value: T) -> T:
+    """`value`, once the API (torch) is imported too: both are done while Ray starts."""
+    import dist_sae.api  # noqa: F401
+
+    return value
 
 
 def build_data(data_dir: Path, digits: bool, patches: int, seed: int):
@@ -163,9 +176,6 @@ def run_demo(
     Returns:
         DemoResult; `result.weights` is the weight-grid PNG.
     """
-    from dist_sae.api import train
-    from dist_sae.report.report import read_metrics
-
     out = Path(out)
     t0 = time.perf_counter()
     prepare_demo_dir(out, overwrite)
@@ -178,10 +188,24 @@ def run_demo(
         "status": "running",
     }
     (out / MARKER).write_text(json.dumps(settings, indent=2) + "\n")  # written first: a failed demo is still ours to replace
-    dataset = build_data(out / DATA_DIR, digits, patches, seed)
-    t_data = time.perf_counter()
-    cfg = demo_config(dataset.path, out / RUN_DIR, dataset.rows, steps, local, address, workers, quiet, seed)
-    result = train(cfg, overwrite=True, fast_stop=fast_stop)
+    connected = False
+    try:
+        if local:
+            dataset = build_data(out / DATA_DIR, digits, patches, seed)
+        else:  # Ray starts while the data is built and torch imported (runtime.connect_while)
+            from dist_sae.cluster import runtime
+
+            state, dataset = runtime.connect_while(load_config(None, _engine(local, address, workers)).workers,
+                                                   lambda: _with_api(build_data(out / DATA_DIR, digits, patches, seed)))
+            connected = state in ("started", "joined")  # ours to end: the session leaves it up
+        t_data = time.perf_counter()
+        from dist_sae.api import train
+
+        cfg = demo_config(dataset.path, out / RUN_DIR, dataset.rows, steps, local, address, workers, quiet, seed)
+        result = train(cfg, overwrite=True, fast_stop=fast_stop)
+    finally:
+        if connected:
+            runtime.stop_local(wait=not fast_stop)
     t_end = time.perf_counter()
     run_dir = result.run_dir
     page = run_dir / "report" / "report.html"
@@ -189,6 +213,8 @@ def run_demo(
         from dist_sae.report.report import write_report
 
         page = write_report(run_dir, local=local).page
+    from dist_sae.report.report import read_metrics
+
     metrics = read_metrics(run_dir / "metrics.jsonl")
     seconds = {"data": t_data - t0, "steps": result.seconds, "train": t_end - t_data, "total": t_end - t0}
     settings.update(status="done", seconds=seconds, rows=dataset.rows, report=str(page))

@@ -10,7 +10,6 @@ on one cluster do not clash.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -174,9 +173,7 @@ class ClusterSession:
         # Actors may run in another working directory (a Ray job's): give them an absolute path.
         self.dataset_path = dataset.url or str(Path(dataset.path).resolve())
         self._config = cfg.with_overrides({"data.path": self.dataset_path}).model_dump()
-        requested = len(worker_specs) if worker_specs else (0 if cfg.workers.pools else cfg.workers.num)
-        dashboard = cfg.workers.dashboard if dashboard is None else dashboard
-        self._ray = runtime.connect(cfg.workers, dashboard=dashboard, num_cpus=_local_cpus(requested, cfg.workers))
+        self._ray = runtime.connect_run(cfg.workers, len(worker_specs) if worker_specs else None, dashboard)
         self._server_theta0: np.ndarray | None = None  # θ0 of a started server no stepper has taken yet
         try:
             resources = ray.cluster_resources()
@@ -286,10 +283,3 @@ def _wait_until_unnamed(name: str, namespace: str, timeout_s: float = 30.0) -> N
             return
         time.sleep(0.05)
     raise TrainingError(f"the Ray actor {namespace}/{name} did not go away within {timeout_s:g}s after it was killed")
-
-
-def _local_cpus(requested: int, workers: WorkersConfig) -> int | None:
-    """CPUs a new local Ray advertises: the machine's, or enough for the workers asked for."""
-    if not requested:
-        return None
-    return max(os.cpu_count() or 1, int(np.ceil(requested * workers.cpus_per_worker)))

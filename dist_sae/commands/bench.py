@@ -6,16 +6,18 @@ import json
 import sys
 from pathlib import Path
 
-from dist_sae.bench import suite
+from dist_sae.bench import flags
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure dist_sae against its ceilings and a NumPy/SciPy peer; JSON + table")
-    suite.add_arguments(p)  # --quick, --size full|quick|tiny, --out, --reps, --skip, --float32
+    flags.add_arguments(p)  # --quick, --size full|quick|tiny, --out, --reps, --skip, --float32
     p.set_defaults(handler=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    from dist_sae.bench import suite
+
     report = suite.run_from_args(args)
     print(Path(args.out, "bench.md").read_text(), end="")
     print(json.dumps(report["ratios"], indent=2))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dist_sae.apps import compare as compare_mod
-
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="train several configs on the same data and seed; table + figure")
@@ -19,6 +17,8 @@ def register(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    from dist_sae.apps import compare as compare_mod
+
     overrides = list(args.overrides) + (["workers.engine=local"] if args.local else []) + ["run.quiet=true"]
     result = compare_mod.compare(
         args.configs, args.data, args.out, overrides, args.names.split(",") if args.names else None, args.overwrite

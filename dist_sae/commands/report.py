@@ -64,8 +64,8 @@ def cmd_demo(args) -> int:
     )
     first, final = result.first, result.final
     s = result.seconds
-    print(f"data: {result.data_dir} ({s['data']:.1f}s)")
-    setup = "starting Ray, " if not args.local else ""
+    print(f"data: {result.data_dir} ({s['data']:.1f}s{'' if args.local else ', Ray starting meanwhile'})")
+    setup = "starting the workers, " if not args.local else ""
     print(f"trained {final.get('step')} L-BFGS steps in {s['steps']:.1f}s (step loop; {s['train']:.1f}s with {setup}the report): "
           f"J {first.get('J', float('nan')):.5g} -> {final.get('J', float('nan')):.5g}")
     print(f"mean activation {final.get('rho_hat1_mean', float('nan')):.4g} (target ρ = 0.01), dead units {final.get('dead1')}")

@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from dist_sae import api
-from dist_sae.config import config_from_args
-from dist_sae.train.rundir import SUMMARY_FILE, resume_config
+import importlib
+
+from dist_sae.config import Config, config_from_args
 from dist_sae.errors import ConfigError
-from dist_sae.sae.model import MODEL_FILE
 from dist_sae.commands import add_overrides, config_help
+
+# The command modules import only what parsing needs: the API (torch) is imported by the handler
+# that runs, so `train` can start Ray while torch is being imported (see _ray_while_importing).
 
 
 def register(sub) -> None:
@@ -74,6 +76,18 @@ def _resume_target(args) -> tuple[str, list[str]]:
     return run_dir, overrides
 
 
+def _ray_while_importing(cfg: Config, module: str) -> bool:
+    """For a Ray run: connect to Ray (start a private one) while `module` (torch) is imported on a
+    thread (runtime.connect_while). The session then finds this process connected and leaves Ray
+    to the caller, who ends it (True) once the command is done."""
+    if cfg.workers.engine != "ray" or not (cfg.data.path and cfg.run.out):  # nothing to run: api.train says why
+        return False
+    from dist_sae.cluster import runtime
+
+    state, _ = runtime.connect_while(cfg.workers, lambda: importlib.import_module(module))
+    return state in ("started", "joined")
+
+
 def cmd_train(args) -> int:
     flags = {
         "data.path": args.data,
@@ -83,12 +97,25 @@ def cmd_train(args) -> int:
     }
     resume = args.resume is not None
     if resume:
+        from dist_sae.train.rundir import resume_config
+
         run_dir, overrides = _resume_target(args)
         cfg = resume_config(run_dir, args.config, overrides, **flags)
     else:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
-    result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change,
-                       fast_stop=True)  # the process ends right after
+    connected = _ray_while_importing(cfg, "dist_sae.api")
+    try:
+        from dist_sae import api
+
+        result = api.train(cfg, init=args.init, resume=resume, overwrite=args.overwrite, allow_change=args.allow_change,
+                           fast_stop=True)  # the process ends right after
+    finally:
+        if connected:
+            from dist_sae.cluster import runtime
+
+            runtime.stop_local(wait=False)
+    from dist_sae.sae.model import MODEL_FILE
+    from dist_sae.train.rundir import SUMMARY_FILE
     if result.finished:
         print(f"{result.run_dir} is finished at step {result.steps} ({result.finished}); nothing was changed. "
               f"To train further, raise optim.steps: `dist-sae train --resume {result.run_dir} optim.steps=N` with N > {result.steps}")
@@ -106,6 +133,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from dist_sae import api
+
     overrides = list(args.overrides) + (["workers.engine=local"] if args.local else [])
     ev, cfg = api.evaluate(args.model, args.data, overrides)
     result = {
@@ -136,6 +165,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
+    from dist_sae import api
+
     cfg = config_from_args(args.config, args.overrides, **{"data.path": args.data})
     result = api.gradcheck(cfg, epsilon=args.epsilon, coords=0 if args.all else max(args.coords, 1), init=args.init, quiet=args.quiet)
     print(f"‖num−ana‖/‖num+ana‖ = {result['relative_error']:.3e} over {result['coords']} of {result['params']} parameters")

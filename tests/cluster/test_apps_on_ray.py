@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 import dist_sae
 from dist_sae.apps import demo
 from dist_sae.apps.encode import encode_dataset
+from dist_sae.cluster import runtime
 from dist_sae.data import build as prep
 from dist_sae.data.transforms import StepSpec
 from dist_sae.report.report import read_metrics
+from dist_sae.sections import WorkersConfig
 
 from util import check_report_links, correlated, numpy_zca, read_all
 
@@ -54,3 +58,17 @@ def test_ray_statistics_equal_local_bit_for_bit(sharded, tmp_path, ray_session):
     built = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "built", preprocessing=[StepSpec("zca", 0.0)], stats=ray_sums_fn, options=prep.WriterOptions(shard_rows=700))
     np.testing.assert_allclose(read_all(built.path), numpy_zca(x, 0.0), atol=1e-10)
     assert not (tmp_path / "built.staging").exists()
+
+
+def test_connect_while_hands_back_the_work_and_its_error(ray_session):
+    threads = []
+    state, value = runtime.connect_while(WorkersConfig(), lambda: threads.append(threading.current_thread().name) or 42)
+    assert (state, value) == ("existing", 42)  # this process was connected already: left as it is
+    assert threads == ["dist-sae-while-ray-starts"]  # the work ran on its own thread
+
+    def fails():
+        raise ValueError("no data here")
+
+    with pytest.raises(ValueError, match="no data here"):
+        runtime.connect_while(WorkersConfig(), fails)
+    assert ray_session.is_initialized()  # not stopped: it was not started for this call

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,13 @@ def test_config_command_prints_resolved_tree(capsys):
     assert main(["config", "model.hidden=[300, 30]", "sparsity.layers=[1,2]"]) == 0
     tree = json.loads(capsys.readouterr().out)
     assert tree["model"]["hidden"] == [300, 30] and tree["sparsity"]["layers"] == [1, 2]
+
+
+def test_parsing_a_command_line_imports_neither_torch_nor_ray():
+    # What lets `dist-sae train` start Ray while torch is imported (cluster/runtime.connect_while),
+    # and keeps `dist-sae --help` quick: the command modules import the API only when they run.
+    code = ("import sys; from dist_sae.commands.main import build_parser, parse; "
+            "parse(build_parser(), ['train', '--data', 'd', '--out', 'o', 'optim.steps=3']); "
+            "print(sorted(m for m in ('torch', 'ray', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
