@@ -168,7 +168,7 @@ class DataConfig(Section):
     taper: bool = True
     """Cut the last three units of a pass into halves, quarters and eighths (of at least 4096 rows), so that no worker's last unit holds the pass; the cut depends on the data only, so results stay bit-identical for any workers."""
     prefetch: int = Field(default=2, ge=0)
-    """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local); 0 reads inline. Ray workers read one unit ahead by having two units in flight."""
+    """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local) on one lane (compute.lanes); 0 reads inline. On several lanes each reads its own unit while the others compute. Ray workers read one unit ahead by having two units in flight."""
     cache_mb: int = Field(default=512, ge=0)
     """Keep blocks a worker has read (converted to the compute dtype, on its device) for later passes, up to this many MB per worker; repeated L-BFGS passes over data that fits then skip HDF5. 0: always stream."""
     local_cache: str | None = None
@@ -191,7 +191,7 @@ class ComputeConfig(Section):
     threads: int = Field(default=0, ge=0)
     """Torch intra-op threads per worker; 0: a Ray worker's CPU share, and for a single process all cores when a work unit is large (rows × parameters >= 2**25), else 1 (small products run faster on one thread). Set 1 on a machine busy with other processes."""
     lanes: int = Field(default=0, ge=0)
-    """Work units a single process (--local, and `evaluate`) computes at once, each on a thread of its own; 0: one per core when units are small enough to run on one torch thread each (see threads) on the CPU, else 1. The sums are the same for any count."""
+    """Work units a single process (--local, `evaluate --local`, `gradcheck`) computes at once, each on a thread of its own; 0: one per core when units are small enough to run on one torch thread each (see threads) on the CPU, else 1. The sums are the same for any count."""
 
 
 class PoolConfig(Section):

@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dist_sae.config import Config, load_config
-from dist_sae.errors import CheckpointError
+from dist_sae.errors import CheckpointError, Terminated
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,8 +205,8 @@ def run_demo(
         cfg = demo_config(dataset.path, out / RUN_DIR, dataset.rows, steps, local, address, workers, quiet, seed)
         result = train(cfg, overwrite=True, fast_stop=fast_stop)
     finally:
-        if connected:
-            runtime.stop_local(wait=not fast_stop)
+        if connected:  # after SIGTERM within the grace period: the fast stop, as api.train's
+            runtime.stop_local(wait=not (fast_stop or isinstance(sys.exc_info()[1], Terminated)))
     t_end = time.perf_counter()
     run_dir = result.run_dir
     page = run_dir / "report" / "report.html"

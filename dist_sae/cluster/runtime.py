@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,20 +45,22 @@ def loopback_only() -> Iterator[None]:
     clusters are switched off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). With them off, the GCS,
     raylet, object manager, agents and (through the raylet's environment) every worker listen on
     127.0.0.1 only. Both the variable (for the processes started) and Ray's cached constant (for
-    this one) are set, and restored on exit: a started node keeps its own environment.
+    this one) are set, and restored on exit: a started node keeps its own environment. Nested
+    within an outer block, the environment is not written again (see connect_while).
     """
     from ray._private import ray_constants
 
     previous = os.environ.get(_LOOPBACK_ENV)
     previous_constant = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_LOOPBACK_ENV] = "0"
+    if previous != "0":
+        os.environ[_LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         yield
     finally:
         if previous is None:
             os.environ.pop(_LOOPBACK_ENV, None)
-        else:
+        elif previous != "0":
             os.environ[_LOOPBACK_ENV] = previous
         ray_constants.ENABLE_RAY_CLUSTER = previous_constant
 
@@ -224,7 +227,13 @@ def connect_while(workers: WorkersConfig, work: Callable[[], T]) -> tuple[str, T
     Why: a private Ray takes about 4 s to start, mostly waiting for its processes, and the CLI's
     first seconds go to importing torch (1 s) or building the demo's data; on a thread they run
     meanwhile (about 1 s less to the first step on a 2-core machine). An exception of work() is
-    raised here, after Ray is connected: the caller owns the connection from the state on.
+    raised here, after Ray is connected; so is one in this thread (Ctrl-C), and a Ray connected
+    here is then stopped: the caller owns the connection only once this returns.
+
+    The variables a private Ray needs (token auth, loopback) are set before the thread starts, so
+    this process's environment is not written while the thread runs (setenv racing a getenv in
+    the thread's C code, e.g. torch loading, is undefined behaviour); Ray's own start is not
+    covered by that.
     """
     box: dict[str, Any] = {}
 
@@ -234,16 +243,22 @@ def connect_while(workers: WorkersConfig, work: Callable[[], T]) -> tuple[str, T
         except BaseException as exc:  # raised in the caller
             box["error"] = exc
 
-    thread = threading.Thread(target=run, name="dist-sae-while-ray-starts", daemon=True)
-    thread.start()
-    try:
-        state = connect_run(workers)
-    finally:
-        thread.join()
-    if "error" in box:
-        if state in ("started", "joined"):
-            stop_local(wait=False)
-        raise box["error"]
+    private = not ray.is_initialized() and not (workers.address or os.environ.get("RAY_ADDRESS"))
+    if private:
+        _choose_token_auth()
+    state = None
+    with loopback_only() if private else contextlib.nullcontext():
+        thread = threading.Thread(target=run, name="dist-sae-while-ray-starts", daemon=True)
+        thread.start()
+        try:
+            state = connect_run(workers)
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+        except BaseException:
+            if state in ("started", "joined"):
+                stop_local(wait=False)
+            raise
     return state, box["result"]
 
 

@@ -76,11 +76,19 @@ def _resume_target(args) -> tuple[str, list[str]]:
     return run_dir, overrides
 
 
-def _ray_while_importing(cfg: Config, module: str) -> bool:
+def _ray_while_importing(cfg: Config, module: str, overwrite: bool) -> bool:
     """For a Ray run: connect to Ray (start a private one) while `module` (torch) is imported on a
     thread (runtime.connect_while). The session then finds this process connected and leaves Ray
-    to the caller, who ends it (True) once the command is done."""
+    to the caller, who ends it (True) once the command is done.
+
+    Not when api.train is going to refuse the run anyway (no data folder, a run already in --out
+    without --overwrite): its one-line error then comes at once, not after Ray has started.
+    """
     if cfg.workers.engine != "ray" or not (cfg.data.path and cfg.run.out):  # nothing to run: api.train says why
+        return False
+    out = Path(cfg.run.out)
+    if ("://" not in cfg.data.path and not Path(cfg.data.path).is_dir()) or (
+            not overwrite and out.is_dir() and any(out.iterdir())):
         return False
     from dist_sae.cluster import runtime
 
@@ -103,7 +111,7 @@ def cmd_train(args) -> int:
         cfg = resume_config(run_dir, args.config, overrides, **flags)
     else:
         cfg = config_from_args(args.config, args.overrides, **flags, **{"run.out": args.out})
-    connected = _ray_while_importing(cfg, "dist_sae.api")
+    connected = False if resume else _ray_while_importing(cfg, "dist_sae.api", args.overwrite)
     try:
         from dist_sae import api
 

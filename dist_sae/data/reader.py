@@ -130,7 +130,8 @@ class BufferPool(Generic[B]):
                 self._free.remove(buf)
         if buf is None:
             buf = self.make(max(rows, self.capacity))
-            self.made += 1
+            with self._lock:  # several lanes (train/lanes.py) take buffers at once
+                self.made += 1
         view = buf[:rows]
         with self._lock:
             self._lent[self.address(view)] = buf

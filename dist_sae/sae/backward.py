@@ -49,7 +49,7 @@ class Workspace:
     records, returned sums) are not reused (measured: a Ray worker +150 MB at 64x the rows with its
     block buffers already pooled, all of it free memory). Here each is allocated once, at the
     largest rows seen (at least `rows`). Not thread-safe: one per PassRunner, whose blocks compute
-    one at a time. Nothing a block returns may be a view of it.
+    one at a time, and one per lane of train/lanes.py. Nothing a block returns may be a view of it.
     """
 
     def __init__(self, rows: int = 0) -> None:

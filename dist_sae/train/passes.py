@@ -48,10 +48,13 @@ class PassRunner:
         threads: torch intra-op threads (0 leaves torch's default).
         backward: how pass 2 differentiates: auto (the hand-written fast path where it covers the
             model, else autograd), autograd, or handwritten (an error where it does not apply).
+        lanes: units computed at once on threads (train/lanes.py): the block pools keep enough
+            buffers for each to hold a block.
     """
 
     def __init__(
-        self, cfg: Config, dataset: Dataset | str, device: str | torch.device = "cpu", threads: int = 0, backward: str = "auto"
+        self, cfg: Config, dataset: Dataset | str, device: str | torch.device = "cpu", threads: int = 0, backward: str = "auto",
+        lanes: int = 1,
     ) -> None:
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
@@ -74,7 +77,7 @@ class PassRunner:
         # as stored (rows, n) that the reader reads into, and, where the compute dtype or
         # data.transform differs, the converted (rows, n') tensor. Both go back with `release`.
         self._dim = self.dataset.dim if self.input_transform is None else self.input_transform.out_dim(self.dataset.dim)  # n'
-        keep, cap = cfg.data.prefetch + STREAM_BUFFERS, cfg.data.block_rows
+        keep, cap = cfg.data.prefetch + STREAM_BUFFERS * max(1, lanes), cfg.data.block_rows
         self._staging = BufferPool(lambda n: np.empty((n, self.dataset.dim), np.dtype(self.dataset.dtype)), cap, keep, _address)
         self._blocks = BufferPool(lambda n: torch.empty((n, self._dim), dtype=self.dtype), cap, keep, _address)
         self._convert = self.input_transform is not None or np.dtype(self.dataset.dtype) != np.dtype(cfg.compute.dtype)
@@ -267,15 +270,17 @@ class LocalEvaluator:
         io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
         t0 = mark = time.perf_counter()
-        if self.lanes is not None:
-            for unit, sums in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
+        if self.lanes is not None and len(units) > 1:  # (a minibatch of one unit: no thread hand-off)
+            # io_s, compute_s: lane-seconds summed over the lanes, as a Ray pass sums worker-seconds.
+            for unit, (sums, load_s, unit_s) in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
                 reducer.add(unit.id, sums)
+                io_s += load_s
+                compute_s += unit_s
                 if bar is not None:
                     bar.update(unit.rows)
             if bar is not None:
                 bar.close()
-            mark = time.perf_counter()
-            return reducer.total, {"io_s": 0.0, "compute_s": mark - t0, "wall_s": mark - t0}
+            return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
         for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
             got = time.perf_counter()
             io_s += got - mark
@@ -289,13 +294,23 @@ class LocalEvaluator:
             bar.close()
         return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
 
-    def _unit(self, kind: str, unit: WorkUnit, ws: Workspace) -> Sums:
-        """One unit on a lane: loaded, computed into the lane's workspace, its block handed back."""
+    def _unit(self, kind: str, unit: WorkUnit, ws: Workspace) -> tuple[Sums, float, float]:
+        """One unit on a lane: loaded, computed into the lane's workspace, its block handed back;
+        (sums, seconds loading, seconds computing)."""
+        t0 = time.perf_counter()
         block = self.runner.load(unit)
+        t1 = time.perf_counter()
         try:
-            return self.runner.compute(kind, unit, block, ws)
+            return self.runner.compute(kind, unit, block, ws), t1 - t0, time.perf_counter() - t1
         finally:
             self.runner.release(block)
+
+    def buffers_made(self) -> dict[str, int]:
+        """PassRunner.buffers_made, the lanes' workspaces included."""
+        made = self.runner.buffers_made()
+        if self.lanes is not None:
+            made["workspace"] += self.lanes.buffers_made()
+        return made
 
     def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
         """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
@@ -385,8 +400,9 @@ def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> Pass
     """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
     units = pass_units(cfg, dataset)
     threads = local_threads(cfg, units)
-    runner = PassRunner(cfg, dataset, resolve_device(cfg.compute.device), threads, backward)
-    count = local_lanes(cfg, units, threads, runner.device)
+    device = resolve_device(cfg.compute.device)
+    count = local_lanes(cfg, units, threads, device)
+    runner = PassRunner(cfg, dataset, device, threads, backward, lanes=count)
     log.info("single-process engine: %d lane(s) of %d torch thread(s) (compute.lanes=%d, compute.threads=%d)",
              count, threads, cfg.compute.lanes, cfg.compute.threads)
     lanes = Lanes(count, threads, runner.workspace.rows) if count > 1 else None

@@ -39,7 +39,7 @@ LOCK_FILE = ".lock"  # flock()ed for the life of a run; empty
 # run.seed is not among them: it sets the batch order and the noise.
 RESUMABLE_CHANGES = (
     "optim.steps", "workers.", "data.prefetch", "data.path", "data.cache_mb", "data.local_cache", "data.local_cache_gb", "data.local_cache_verify",
-    "data.read_ahead_shards", "compute.threads",
+    "data.read_ahead_shards", "compute.threads", "compute.lanes",
     "run.out", "run.checkpoint_every", "run.keep_checkpoints", "run.log_every", "run.quiet", "run.tensorboard", "run.report",
 )
 

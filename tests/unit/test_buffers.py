@@ -8,6 +8,7 @@ scripts/bench_memory.py measures RSS from outside the process tree.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -40,28 +41,33 @@ def test_buffer_pool_lends_views_and_takes_them_back():
     assert len(pool._lent) <= 4 * pool.keep
 
 
-def test_streaming_reuses_a_bounded_set_of_buffers_however_many_units(tmp_path):
+@pytest.mark.parametrize("lanes", [1, 5])
+def test_streaming_reuses_a_bounded_set_of_buffers_however_many_units(tmp_path, lanes):
     """float32 rows, float64 compute, tapered units of uneven rows over 5 shards: the read and the
-    converted buffers are taken back after every block, so a handful serve 60+ units; the result
-    equals the cached evaluation's bit for bit."""
+    converted buffers are taken back after every block, so a handful serve 60+ units, also with
+    several lanes computing at once; the result equals the cached evaluation's bit for bit."""
     make_dataset(tmp_path / "d", random_rows(3000, 6, seed=1), shard_rows=650, dtype="float32")
     ds = Dataset.open(tmp_path / "d")
     results = {}
     for cache_mb in (0, 512):
-        cfg = bind_dataset(config(tmp_path / "d", model__hidden=[4], data__block_rows=48, data__cache_mb=cache_mb), ds)
+        cfg = bind_dataset(config(tmp_path / "d", model__hidden=[4], data__block_rows=48, data__cache_mb=cache_mb,
+                                  compute__lanes=lanes), ds)
         problem = local_problem(cfg, ds)
         theta = initial_theta(cfg, None)
         try:
             results[cache_mb] = [problem.evaluate(theta), problem.evaluate(theta)]
-            made = problem.evaluator.runner.buffers_made()
+            made = problem.evaluator.buffers_made()
+            problem.evaluate(theta), problem.evaluate(theta)
+            assert problem.evaluator.buffers_made() == made  # no new buffer once the first passes ran
         finally:
             problem.evaluator.close()
         if cache_mb == 0:
             units = problem.units
             assert len(units) > 60 and len({u.rows for u in units}) > 2
-            keep = cfg.data.prefetch + STREAM_BUFFERS
+            keep = cfg.data.prefetch + STREAM_BUFFERS * lanes
             assert 1 <= made["read"] <= keep and 1 <= made["converted"] <= keep, made
-            assert made["workspace"] <= 8, made  # one per intermediate (7 for one hidden layer), not per block
+            # one per intermediate (7 for one hidden layer) and lane, not per block
+            assert 1 <= made["workspace"] <= 8 * lanes, made
     for a, b in zip(results[0], results[512]):
         assert a.loss == b.loss and np.array_equal(a.grad, b.grad)
 
