@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = f"{runtime.ACTOR_PREFIX}.ParameterServer"
 CONTROL = "control"  # the server's concurrency group for calls made while a step runs (abandon)
+ABANDON_WAIT_S = 30.0  # longest wait for an abandoned step to end (a hung server: then given up)
 
 
 def worker_count(workers: WorkersConfig, resources: dict[str, float]) -> int:
@@ -112,8 +113,14 @@ class RemoteStepper:
         self._print_notes(notes)
         return result
 
-    def _abandon(self, ref: Any, timeout_s: float = 2.0) -> bool:
-        """Have the server drop the step in flight; wait (briefly) until it has rolled back.
+    def _abandon(self, ref: Any, timeout_s: float = ABANDON_WAIT_S) -> bool:
+        """Have the server drop the step in flight; wait until it has rolled back or completed.
+
+        The server looks at the request whenever a unit's result comes in, so the step ends
+        within about a unit's time either way. Waiting for that, rather than for a fixed 2 s as
+        before, matters: a step that completed after the wait gave up was checkpointed (the
+        checkpoint asks the server, which answers once the step is over) without its metrics line
+        (seen once under load: checkpoint at step 11, metrics up to 10).
 
         Returns:
             True when the step had completed after all (its result is in `ref`).
