@@ -19,8 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -247,7 +246,7 @@ def connect_while(workers: WorkersConfig, work: Callable[[], T]) -> tuple[str, T
     if private:
         _choose_token_auth()
     state = None
-    with loopback_only() if private else contextlib.nullcontext():
+    with loopback_only() if private else nullcontext():
         thread = threading.Thread(target=run, name="dist-sae-while-ray-starts", daemon=True)
         thread.start()
         try:

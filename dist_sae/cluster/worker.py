@@ -24,7 +24,7 @@ from dist_sae.config import from_dict
 from dist_sae.data.dataset import WorkUnit
 from dist_sae.train.passes import PassRunner
 from dist_sae.train.inputs import resolve_device
-from dist_sae.sae.sums import Sums, add_sums
+from dist_sae.sae.sums import Sums, fold
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,16 @@ class Worker:
         """`run` for each unit of a whole reduction group (context: its theta_key, theta, g_key, g),
         answered as (first unit id, the group's sum, stats summed over its units): the left fold
         in unit order that the server's reducer would compute (sae/sums.py), so one sum travels."""
-        total: Sums | None = None
         stats = dict.fromkeys(("read_s", "wait_s", "compute_s"), 0.0)
-        for unit in units:
-            _, sums, unit_stats = self.run(kind, unit, *context)
-            total = add_sums(total, sums)  # the first is copied, as the reducer's fold does
-            for key in stats:
-                stats[key] += unit_stats[key]
-        return units[0][0], total, {**stats, "pid": self._pid}
+
+        def parts():
+            for unit in units:
+                _, sums, unit_stats = self.run(kind, unit, *context)
+                for key in stats:
+                    stats[key] += unit_stats[key]
+                yield sums
+
+        return units[0][0], fold(parts()), {**stats, "pid": self._pid}
 
     def run_kept(self, kind: str, unit: tuple[int, int, int, int], *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
         """`run` (context: its theta_key, theta, g_key, g), with the sums as a second return value:

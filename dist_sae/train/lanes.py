@@ -34,7 +34,7 @@ class Lanes:
     """`count` threads, each with `threads` torch threads and its own Workspace, sharing a pass's units.
 
     Args:
-        count: lanes (threads), at least 2 (one lane is the caller's own loop).
+        count: lanes (threads), at least 2 (a single lane is LocalEvaluator's plain loop, without Lanes).
         threads: torch intra-op threads of each lane (OpenMP's count is set per thread).
         rows: rows each lane's workspace is made for (Workspace).
     """

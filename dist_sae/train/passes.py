@@ -188,7 +188,7 @@ class PassRunner:
 
         ws: where the intermediates go (default: the runner's own; a lane of train/lanes.py brings its own).
         """
-        ws = ws or self.workspace
+        ws = self.workspace if ws is None else ws
         x = block if isinstance(block, torch.Tensor) else self.to_device(block)
         x_in = self.corrupt(x, unit)
         if kind == "pass1":
