@@ -3,7 +3,7 @@
 A stopped run (SIGTERM from `ray job stop`, Kubernetes, a spot reclaim) must write its checkpoint
 within the grace period before SIGKILL (Ray: RAY_JOB_STOP_WAIT_TIME_S, default 3 s). The checkpoint
 holds θ and the optimizer state: for L-BFGS that is 2 × optim.history_size vectors of P floats, so
-its size (and time) grows with the history. The state is a real torch.optim.LBFGS state of the
+its size (and time) grows with the history. The state is a real train.lbfgs.LBFGS state of the
 model's size (history filled with random vectors of the real shapes).
 
     python -m dist_sae.bench.safety --sizes 784,1024,784 --history 10,100 --out bench_out/safety.json
@@ -22,19 +22,19 @@ import torch
 
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.train.checkpoint import load_checkpoint, save_checkpoint, snapshot_state
+from dist_sae.train.lbfgs import LBFGS
 
 
 def lbfgs_state(params: int, history: int, seed: int = 0) -> dict:
-    """A Trainer.state_dict()-shaped state whose optimizer is a full-history torch L-BFGS."""
+    """A Trainer.state_dict()-shaped state whose optimizer is a full-history L-BFGS."""
     gen = torch.Generator().manual_seed(seed)
     theta = torch.randn(params, dtype=torch.float64, generator=gen)
-    opt = torch.optim.LBFGS([torch.nn.Parameter(theta.clone())], history_size=history)
+    opt = LBFGS(theta.clone(), history_size=history)
     vec = lambda: torch.randn(params, dtype=torch.float64, generator=gen)  # noqa: E731
     state = opt.state_dict()
     state["state"] = {0: {"func_evals": history, "n_iter": history, "d": vec(), "t": 1.0, "old_dirs": [vec() for _ in range(history)],
-                          "old_stps": [vec() for _ in range(history)], "ro": [torch.tensor(1.0, dtype=torch.float64)] * history,
-                          "H_diag": torch.tensor(1.0, dtype=torch.float64), "prev_flat_grad": vec(), "prev_loss": 1.0,
-                          "al": [None] * history}}
+                          "old_stps": [vec() for _ in range(history)], "ro": [1.0] * history,
+                          "H_diag": 1.0, "prev_flat_grad": vec(), "prev_loss": 1.0}}
     meta = {"step": 1, "epoch": 0, "position": 0, "evaluations": history, "converged": False, "rho_step": 0, "dead_step": -1}
     return {"theta": theta, "optimizer": state, "meta": meta, "rho_means": None, "ema_means": None, "dead_units": None}
 

@@ -29,6 +29,7 @@ import torch
 from dist_sae.config import Config
 from dist_sae.data.dataset import WorkUnit
 from dist_sae.errors import TrainingError
+from dist_sae.train.lbfgs import LBFGS
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, sparsity_state
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,11 @@ class Trainer:
         if not oc.full_batch and not self.batches:
             raise TrainingError(f"optim.method={oc.method} needs minibatches, but the dataset gave none")
         if oc.method == "lbfgs":
-            self.optimizer = torch.optim.LBFGS(
-                [self.theta],
+            self.optimizer = LBFGS(
+                self.theta.detach(),  # shares θ's storage: the steps move θ in place
                 lr=oc.learning_rate,
-                max_iter=1,  # one iteration per step(), so each step can be logged and checkpointed
-                # torch's default max_eval (max_iter * 5 // 4 = 1) would leave the line search no
-                # evaluations at all; give each iteration the 25 that _strong_wolfe allows by default.
+                # One iteration per step(), so each step can be logged and checkpointed; the line
+                # search gets the 25 evaluations that torch's _strong_wolfe allows by default.
                 max_eval=1 + 25,
                 history_size=oc.history_size,
                 tolerance_grad=oc.tolerance_grad,
@@ -134,11 +134,16 @@ class Trainer:
             self._cache.popitem(last=False)
         return ev
 
-    def _closure(self) -> float:
+    def _closure(self) -> tuple[float, torch.Tensor]:
+        """(J, ∇J) at the current θ, the gradient a copy that the optimizer keeps."""
         ev = self._evaluate_full(self.theta.detach().numpy())
-        self.theta.grad = torch.from_numpy(ev.grad.copy())
         self.last = ev
-        return ev.loss
+        return ev.loss, torch.from_numpy(ev.grad.copy())
+
+    def _closure_setting_grad(self) -> float:
+        """torch.optim's closure: J, with ∇J in θ.grad."""
+        loss, self.theta.grad = self._closure()
+        return loss
 
     # ---- minibatch -----------------------------------------------------------------------
 
@@ -267,7 +272,7 @@ class Trainer:
         evals_before = self.evaluations
         if self.cfg.optim.full_batch:
             before = self.theta.detach().clone()
-            self.optimizer.step(self._closure)
+            self.optimizer.step(self._closure if isinstance(self.optimizer, LBFGS) else self._closure_setting_grad)
             ev = self.last  # GD: at the θ the step started from
             if self.cfg.optim.method == "lbfgs":
                 # Log J at the new θ: the line search's last point (a cache hit), or without a line
