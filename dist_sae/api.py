@@ -20,7 +20,7 @@ from dist_sae.config import Config, load_config
 from dist_sae.data.dataset import Dataset
 from dist_sae.data.storage import shard_cache
 from dist_sae.train.inputs import bind_dataset, inherited_transform
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.errors import CheckpointError, ConfigError, Terminated
 from dist_sae.sae.model import CONFIG_FILE, SparseAutoencoder, load_model
 from dist_sae.sae.objective import Evaluation

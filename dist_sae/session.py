@@ -1,6 +1,6 @@
 """Sessions: where passes run for a config, in this process or on a Ray cluster.
 
-A session gives `problem` (exact evaluations: a train.passes.PassProblem) and `stepper(theta0)`
+A session gives `problem` (exact evaluations: a train.problem.PassProblem) and `stepper(theta0)`
 (all-or-nothing optimizer steps); LocalSession and cluster.ClusterSession have the same interface.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from dist_sae.train.checkpoint import AtomicStepper
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.train.units import minibatches
 from dist_sae.sae.model import SparseAutoencoder, load_weights_into
 from dist_sae.train.optim import Trainer

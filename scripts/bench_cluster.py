@@ -35,7 +35,7 @@ import torch
 from dist_sae.session import initial_theta
 from dist_sae.config import load_config
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.problem import PassProblem, local_problem
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.bench.synthetic import write_synthetic
 

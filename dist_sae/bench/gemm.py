@@ -28,7 +28,7 @@ import torch
 from dist_sae.bench.compute import bench_config
 from dist_sae.bench.timing import interleaved, med, summary
 from dist_sae.session import initial_theta
-from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.problem import PassProblem, local_problem
 from dist_sae.train.units import TORCH_DEFAULT_THREADS
 
 

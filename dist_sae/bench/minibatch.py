@@ -37,7 +37,7 @@ from dist_sae.data.dataset import Dataset
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.train.units import minibatches
 
 SYSTEMS = ["batch", "batch-onepass", "ema", "exact", "peer-float32", "peer-float64"]

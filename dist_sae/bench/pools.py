@@ -108,7 +108,7 @@ def ray_measured(tmp: Path, repeats: int = 5) -> dict:
     from dist_sae.progress import bar
     from dist_sae.session import initial_theta
     from dist_sae.train.inputs import bind_dataset
-    from dist_sae.train.passes import PassProblem
+    from dist_sae.train.problem import PassProblem
 
     write_synthetic(tmp / "d", 200_000, 64, seed=3)
     ds = Dataset.open(tmp / "d")

@@ -19,7 +19,7 @@ from dist_sae.cluster import runtime
 from dist_sae.cluster.ray_session import ClusterSession
 from dist_sae.sae.sums import add_sums
 from dist_sae.session import initial_theta
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 
 
 def bench_ray(path: Path, hidden: int, reps: int, workers: list[int], block_rows: int = 16384, components: bool = False) -> dict:

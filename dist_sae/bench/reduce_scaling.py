@@ -33,7 +33,7 @@ from dist_sae.cluster.multinode import loopback_nodes, pull_seconds
 from dist_sae.cluster.ray_session import ClusterSession
 from dist_sae.cluster.reduce import REDUCE_MODES
 from dist_sae.session import initial_theta
-from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.problem import PassProblem, local_problem
 
 
 class Recording:

@@ -1,4 +1,4 @@
-"""RayEvaluator: runs a pass over Ray worker actors, with the interface of engine.LocalEvaluator.
+"""RayEvaluator: runs a pass over Ray worker actors, with the interface of train.problem.LocalEvaluator.
 
 θ goes into the object store once per distinct θ (pass 1 and pass 2 at one θ share it); each
 worker call carries the reference and a key, and a worker reloads its model only when the key

@@ -22,7 +22,7 @@ from dist_sae.config import Config
 
 from dist_sae.sections import WorkersConfig
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import PassProblem
+from dist_sae.train.problem import PassProblem
 from dist_sae.train.units import minibatches
 from dist_sae.errors import ConfigError, TrainingError
 from dist_sae.cluster import runtime

@@ -1,37 +1,26 @@
-"""Single-process execution of passes: the reference the Ray cluster must equal.
+"""PassRunner: the work of one worker, θ in, one work unit's float64 partial sums out.
 
-    PassRunner      the work of one worker: θ in, one work unit's float64 partial sums out
-    LocalEvaluator  runs a pass over many units in this process (read-ahead, ordered reduction)
-    PassProblem     exact J/∇J, ρ̂ and minibatch evaluations composed from passes, for any
-                    evaluator with `run(kind, theta, units, g)` (this one, or the Ray one)
+The same code computes a unit in this process (train/problem.py's LocalEvaluator) and in a Ray
+worker (cluster/worker.py), so the single-process engine is the reference the cluster must equal.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset, WorkUnit
-from dist_sae.data.reader import BlockReader, BufferPool, prefetch
+from dist_sae.data.reader import BlockReader, BufferPool
 from dist_sae.data.storage import shard_cache
-from dist_sae.errors import TrainingError
 from dist_sae.sae.model import SparseAutoencoder
-from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
-from dist_sae.sae.sums import OrderedReducer, Sums, data_block_sums
+from dist_sae.sae.objective import Objective
+from dist_sae.sae.sums import Sums, data_block_sums
 from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
 from dist_sae.sae.backward import BACKWARDS, Workspace
-from dist_sae.train.inputs import input_transform, resolve_device, row_noise
-from dist_sae.train.lanes import Lanes
-from dist_sae.train.units import local_lanes, local_threads, pass_units
-
-log = logging.getLogger(__name__)
+from dist_sae.train.inputs import input_transform, row_noise
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PASS_KINDS = ("pass1", "pass2", "onepass")
@@ -235,175 +224,3 @@ class PassRunner:
 def _address(a: np.ndarray | torch.Tensor) -> int:
     """Where an array's or a tensor's first element is (a view of a buffer's first rows: the buffer's)."""
     return a.data_ptr() if isinstance(a, torch.Tensor) else a.__array_interface__["data"][0]
-
-
-class Evaluator(Protocol):
-    rows: int
-    units: list[WorkUnit]
-
-    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
-        """The ordered float64 sum of a pass over `units`, and timings."""
-
-    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
-        """Yield (unit, per-row output) in unit order: `encode` codes or `reconstruct` outputs."""
-
-
-class LocalEvaluator:
-    """Runs passes in this process: blocks are read ahead in a thread (or computed on `lanes`) and reduced in unit order."""
-
-    def __init__(self, runner: PassRunner, prefetch_depth: int = 2, units: list[WorkUnit] | None = None,
-                 lanes: Lanes | None = None) -> None:
-        self.runner = runner
-        self.lanes = lanes
-        self.prefetch_depth = prefetch_depth
-        self.units = units if units is not None else pass_units(runner.cfg, runner.dataset)  # (its caller's, when cut already)
-        self.rows = runner.dataset.rows
-        self._version = 0
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
-        self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close()
-
-    def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
-        self._version += 1
-        self.runner.set_theta(theta, ("local", self._version))
-        self.runner.set_g(g)
-        reducer = OrderedReducer([u.id for u in units])
-        io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
-        bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
-        t0 = mark = time.perf_counter()
-        if self.lanes is not None and len(units) > 1:  # (a minibatch of one unit: no thread hand-off)
-            # io_s, compute_s: lane-seconds summed over the lanes, as a Ray pass sums worker-seconds.
-            for unit, (sums, load_s, unit_s) in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
-                reducer.add(unit.id, sums)
-                io_s += load_s
-                compute_s += unit_s
-                if bar is not None:
-                    bar.update(unit.rows)
-            if bar is not None:
-                bar.close()
-            return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
-        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
-            got = time.perf_counter()
-            io_s += got - mark
-            reducer.add(unit.id, self.runner.compute(kind, unit, block))
-            self.runner.release(block)
-            mark = time.perf_counter()
-            compute_s += mark - got
-            if bar is not None:
-                bar.update(unit.rows)
-        if bar is not None:
-            bar.close()
-        return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
-
-    def _unit(self, kind: str, unit: WorkUnit, ws: Workspace) -> tuple[Sums, float, float]:
-        """One unit on a lane: loaded, computed into the lane's workspace, its block handed back;
-        (sums, seconds loading, seconds computing)."""
-        t0 = time.perf_counter()
-        block = self.runner.load(unit)
-        t1 = time.perf_counter()
-        try:
-            return self.runner.compute(kind, unit, block, ws), t1 - t0, time.perf_counter() - t1
-        finally:
-            self.runner.release(block)
-
-    def buffers_made(self) -> dict[str, int]:
-        """PassRunner.buffers_made, the lanes' workspaces included."""
-        made = self.runner.buffers_made()
-        if self.lanes is not None:
-            made["workspace"] += self.lanes.buffers_made()
-        return made
-
-    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
-        """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
-        self._version += 1
-        self.runner.set_theta(theta, ("local", self._version))
-        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
-            out = self.runner.transform(kind, block, layer)
-            self.runner.release(block)
-            yield unit, out
-
-    def close(self) -> None:
-        self._reads.shutdown(wait=True)
-        if self.lanes is not None:
-            self.lanes.close()
-        self.runner.close()
-
-
-class PassProblem:
-    """The optimizer's Problem (exact J/∇J, ρ̂, minibatch evaluations) built from passes.
-
-    Args:
-        evaluator: runs passes (LocalEvaluator, or the Ray cluster's).
-        cfg: the run's config.
-    """
-
-    def __init__(self, evaluator: Evaluator, cfg: Config) -> None:
-        self.evaluator = evaluator
-        self.cfg = cfg
-        self.obj = Objective.from_config(cfg)
-        self.layout = SparseAutoencoder.from_config(cfg)  # float64 on cpu: only for names and offsets
-        self.decay = weight_decay_vector(self.layout, self.obj)
-        self.rows = evaluator.rows
-        self.units = evaluator.units
-        self.one_pass = cfg.sparsity.one_pass
-
-    def _run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g=None) -> tuple[Sums, dict[str, float]]:
-        sums, timing = self.evaluator.run(kind, theta, units, g)
-        expected = sum(u.rows for u in units)
-        if sums is None or int(sums["rows"]) != expected:
-            got = 0 if sums is None else int(sums["rows"])
-            raise TrainingError(f"{kind} counted {got} rows but its units hold {expected}: a unit was lost or counted twice")
-        return sums, timing
-
-    def layer_means(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> list[np.ndarray]:
-        return self.layer_stats(theta, units)[0]
-
-    def layer_stats(self, theta: np.ndarray, units: list[WorkUnit] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return self._pass1(theta, units or self.units)
-
-    def _pass1(self, theta: np.ndarray, units: list[WorkUnit]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(mean activation, rows where active) per encoder layer over `units`."""
-        sums, _ = self._run("pass1", theta, units)
-        hidden = self.layout.hidden
-        return split_layers(sums["act"] / sums["rows"], hidden), split_layers(sums["fired"], hidden)
-
-    def evaluate(self, theta: np.ndarray, units: list[WorkUnit] | None = None, state: SparsityState | None = None) -> Evaluation:
-        units = units or self.units
-        stats: dict[str, float] = {}
-        pass1_timing: dict[str, float] = {}
-        if state is None and self.obj.uses_rho_hat and self.one_pass:
-            sums, timing = self._run("onepass", theta, units)
-            state = sparsity_state(self.obj, split_layers(sums["act"] / sums["rows"], self.layout.hidden))
-            stats["pass2_s"] = timing["wall_s"]
-        else:
-            if state is None and (self.obj.uses_rho_hat or self.obj.auxk):
-                t0 = time.perf_counter()
-                sums1, pass1_timing = self._run("pass1", theta, units)
-                hidden = self.layout.hidden
-                state = sparsity_state(self.obj, split_layers(sums1["act"] / sums1["rows"], hidden))
-                if self.obj.auxk:  # AuxK's dead units: fired on no row of this pass 1
-                    state.dead = split_layers(sums1["fired"], hidden)[0] == 0
-                stats["pass1_s"] = time.perf_counter() - t0
-            elif state is None:
-                state = sparsity_state(self.obj, [])
-            sums, timing = self._run("pass2", theta, units, state.constants())
-            stats["pass2_s"] = timing["wall_s"]
-        ev = finalize(self.obj, self.layout, theta, sums, state, self.decay)
-        ev.stats.update(stats)
-        ev.stats.update({k: v for k, v in timing.items() if k != "wall_s"})
-        for key in ("io_s", "compute_s", "tail_s"):  # I/O, compute and tail time of both passes of this evaluation
-            if key in pass1_timing and key in ev.stats:
-                ev.stats[key] += pass1_timing[key]
-        return ev
-
-
-def local_problem(cfg: Config, dataset: Dataset, backward: str = "auto") -> PassProblem:
-    """A PassProblem over a LocalEvaluator in this process (`backward`: see PassRunner)."""
-    units = pass_units(cfg, dataset)
-    threads = local_threads(cfg, units)
-    device = resolve_device(cfg.compute.device)
-    count = local_lanes(cfg, units, threads, device)
-    runner = PassRunner(cfg, dataset, device, threads, backward, lanes=count)
-    log.info("single-process engine: %d lane(s) of %d torch thread(s) (compute.lanes=%d, compute.threads=%d)",
-             count, threads, cfg.compute.lanes, cfg.compute.threads)
-    lanes = Lanes(count, threads, runner.workspace.rows) if count > 1 else None
-    return PassProblem(LocalEvaluator(runner, cfg.data.prefetch, units, lanes), cfg)

@@ -16,7 +16,8 @@ import pytest
 from dist_sae.session import LocalSession, initial_theta
 from dist_sae.api import train
 from dist_sae.data.dataset import Dataset, WorkUnit
-from dist_sae.train.passes import LocalEvaluator, PassProblem, PassRunner, local_problem
+from dist_sae.train.passes import PassRunner
+from dist_sae.train.problem import LocalEvaluator, PassProblem, local_problem
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.errors import ConfigError, DataError
 from dist_sae.cluster.dispatch import Dispatcher, UnitState

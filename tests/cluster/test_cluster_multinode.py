@@ -13,7 +13,7 @@ import pytest
 from dist_sae.session import LocalSession, initial_theta
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae import progress
 
 from util import config, make_dataset, smooth_patches

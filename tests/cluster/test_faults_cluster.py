@@ -19,7 +19,7 @@ from dist_sae.session import LocalSession, initial_theta
 from dist_sae.api import train
 from dist_sae.train.checkpoint import latest_checkpoint
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import PassProblem
+from dist_sae.train.problem import PassProblem
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.errors import TrainingError
 from dist_sae.train.optim import Trainer

@@ -17,7 +17,7 @@ import pytest
 from dist_sae.data.dataset import Dataset
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import PassProblem, local_problem
+from dist_sae.train.problem import PassProblem, local_problem
 
 from util import config, make_dataset, smooth_patches
 

@@ -21,7 +21,8 @@ from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Objective
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import STREAM_BUFFERS, local_problem
+from dist_sae.train.passes import STREAM_BUFFERS
+from dist_sae.train.problem import local_problem
 
 from util import config, make_dataset, random_rows
 

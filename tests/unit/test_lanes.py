@@ -13,7 +13,7 @@ from dist_sae.data.dataset import Dataset, WorkUnit
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.train.lanes import Lanes
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.train.units import TORCH_DEFAULT_THREADS, local_lanes, pass_units
 
 from util import config, make_dataset, random_rows

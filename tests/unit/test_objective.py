@@ -8,7 +8,7 @@ import pytest
 from dist_sae.api import gradcheck
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.sae.model import SparseAutoencoder
 
 from reference import sparse_ae_cost

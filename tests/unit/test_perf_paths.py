@@ -15,7 +15,7 @@ import torch
 from dist_sae.config import load_config
 from dist_sae.data.dataset import MIN_UNIT_ROWS, Dataset
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Objective
 from dist_sae.sae.backward import handwritten_supported

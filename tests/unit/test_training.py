@@ -14,7 +14,7 @@ from dist_sae.api import train
 from dist_sae.train.checkpoint import latest_checkpoint, list_checkpoints
 from dist_sae.data.dataset import Dataset
 from dist_sae.train.inputs import bind_dataset
-from dist_sae.train.passes import local_problem
+from dist_sae.train.problem import local_problem
 from dist_sae.train.units import TORCH_DEFAULT_THREADS, local_threads, minibatches, pass_units
 from dist_sae.errors import CheckpointError, DataError
 from dist_sae.sae.model import load_model

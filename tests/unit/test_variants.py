@@ -10,7 +10,8 @@ import torch
 
 from dist_sae.api import gradcheck, train
 from dist_sae.data.dataset import Dataset
-from dist_sae.train.passes import PassRunner, local_problem
+from dist_sae.train.passes import PassRunner
+from dist_sae.train.problem import local_problem
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.errors import ConfigError
 from dist_sae.sae.model import SparseAutoencoder, load_model
