@@ -1,6 +1,6 @@
 """ParameterServer: owns θ and the optimizer state; the workers only ever see θ read-only.
 
-A plain class wrapping optim.Trainer over an engine.PassProblem whose evaluator is a RayEvaluator:
+A plain class wrapping optim.Trainer over a train.problem.PassProblem whose evaluator is a RayEvaluator:
 each evaluation puts θ in the object store once, has the workers stream their units, adds their
 float64 partial sums in unit order, divides by m, adds weight decay, and the Trainer steps (L-BFGS
 full-batch, or Adam/SGD on minibatches with the exact ρ̂ refreshed by a distributed pass 1).

@@ -1,10 +1,10 @@
 """L-BFGS on one flat float64 tensor: torch.optim.LBFGS's iteration, without torch.optim.Optimizer.
 
-Why not torch.optim.LBFGS itself (measured on the notes' exercise, 64-25-64, P = 3,289, history 100):
-constructing any torch.optim.Optimizer imports torch._dynamo (1.2-1.4 s of every process's start,
-more than a tenth of the whole exercise), and its step spends 1.4 ms outside the evaluations at a
-full history, where this one spends about half (scripts: `dist-sae bench --skip ...`, the
-exercise's `local32` run). The algorithm is the same, operation for operation: the two-loop
+Why not torch.optim.LBFGS itself (measured at the notes' exercise's size, 64-25-64, P = 3,289,
+history 100): constructing any torch.optim.Optimizer imports torch._dynamo, about 1 s of the start
+of every process that builds one (the driver with --local, the parameter server on Ray), a tenth
+of the whole exercise; and its step's own arithmetic takes 1.44 ms at a full history against this
+one's 0.94 ms (the two-loop keeps its scalars as floats: fewer tensor operations). The algorithm is the same, operation for operation: the two-loop
 recursion (Nocedal & Wright, "Numerical Optimization", Algorithm 7.4) with the scaled identity
 H₀ = sᵀy / yᵀy, and the strong-Wolfe line search with cubic interpolation of minFunc (Schmidt),
 as torch ports it from torch7's optim package. Vectors are float64 tensors and the direction is
@@ -35,7 +35,8 @@ class LBFGS:
     Args:
         x: the parameters; the closure evaluates at x's current values.
         lr: the first trial step of each line search (the step itself without one).
-        max_eval: evaluations allowed per step, the step's own first one included.
+        max_eval: bounds a step's evaluations, as torch's: the line search may make max_eval − 1
+            trials after its first, so a step evaluates at most max_eval + 1 times.
         history_size: (s, y) pairs kept.
         tolerance_grad: a step whose gradient's largest |component| is at most this does nothing.
         tolerance_change: a step whose directional derivative is above −tolerance_change does not move.
@@ -92,6 +93,7 @@ class LBFGS:
             x.copy_(x0)
             return f, g
 
+        # As torch: the line search keeps its own tolerance_change (1e-9), not the optimizer's.
         _, _, t, evals = strong_wolfe(at, x_init, t, d, loss, flat_grad, gtd, max_ls=group["max_eval"] - current_evals)
         state["t"] = t
         state["func_evals"] += evals
@@ -112,7 +114,6 @@ class LBFGS:
             old_stps.append(s)
             ro.append(1.0 / ys)
             h_diag = ys / float(y.dot(y))
-        ro = [float(r) for r in ro]  # torch's checkpoints hold 0-d tensors
         al = [0.0] * len(old_dirs)
         q = flat_grad.neg()
         for i in range(len(old_dirs) - 1, -1, -1):
@@ -138,14 +139,17 @@ class LBFGS:
         if group.get("max_iter", 1) != 1:
             raise ValueError(f"an L-BFGS state of max_iter={group['max_iter']}; this optimizer takes one iteration per step")
         self.group.update({k: group[k] for k in self.group if k in group})
-        self.state = {"func_evals": 0, "n_iter": 0, **state}
-        self.state.pop("al", None)  # torch's scratch buffer of the two-loop
+        # Copies: the steps append to the lists and write into d and prev_flat_grad, and the
+        # caller's dict must not change (train/checkpoint.snapshot_state keeps one to roll back to).
+        self.state = {"func_evals": 0, "n_iter": 0, **{k: v for k, v in state.items() if k != "al"}}  # al: torch's scratch
         for key in ("d", "prev_flat_grad"):
             if key in self.state:
-                self.state[key] = self.state[key].to(self.x)
+                self.state[key] = self.state[key].to(self.x, copy=True)
         for key in ("old_dirs", "old_stps"):
             if key in self.state:
-                self.state[key] = [v.to(self.x) for v in self.state[key]]
+                self.state[key] = [v.to(self.x) for v in self.state[key]]  # entries are never written, only replaced
+        if "ro" in self.state:
+            self.state["ro"] = [float(r) for r in self.state["ro"]]
 
 
 def cubic_minimum(x1: float, f1: float, g1: float, x2: float, f2: float, g2: float,
@@ -153,16 +157,29 @@ def cubic_minimum(x1: float, f1: float, g1: float, x2: float, f2: float, g2: flo
     """The minimiser of the cubic through (x1, f1, g1) and (x2, f2, g2), clipped to `bounds`
     (default: between x1 and x2); the bounds' midpoint where the cubic has no minimum."""
     lo, hi = bounds if bounds is not None else ((x1, x2) if x1 <= x2 else (x2, x1))
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+    d1 = g1 + g2 - _divide(3 * (f1 - f2), x1 - x2)
     d2_square = d1 * d1 - g1 * g2  # torch squares a tensor by one multiplication, as here
-    if d2_square < 0:
+    if not d2_square >= 0:  # (NaN too, as torch)
         return (lo + hi) / 2.0
     d2 = math.sqrt(d2_square)
     if x1 <= x2:
-        at = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+        at = x2 - (x2 - x1) * _divide(g2 + d2 - d1, g2 - g1 + 2 * d2)
     else:
-        at = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+        at = x1 - (x1 - x2) * _divide(g1 + d2 - d1, g1 - g2 + 2 * d2)
     return min(max(at, lo), hi)
+
+
+def _divide(a: float, b: float) -> float:
+    """a / b as IEEE 754 divides (torch's 0-d tensors do): ±inf or NaN for b = 0, where Python raises.
+
+    A J linear or concave along d gives a zero denominator; the infinite trial is then clipped to
+    the bounds (the line search extrapolates ×10), as in torch.
+    """
+    if b != 0 or math.isnan(b):
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
 def strong_wolfe(obj: Callable[[torch.Tensor, float, torch.Tensor], tuple[float, torch.Tensor]], x: torch.Tensor,
@@ -171,7 +188,8 @@ def strong_wolfe(obj: Callable[[torch.Tensor, float, torch.Tensor], tuple[float,
     """A step t along d from x meeting the strong Wolfe conditions: bracket, then zoom by cubic
     interpolation (Nocedal & Wright, Algorithms 3.5 and 3.6). obj(x, t, d) -> (f, g) at x + t·d.
 
-    Returns (f, g, t, evaluations) at the step found (or the best point of the bracket).
+    Returns (f, g, t, evaluations) at the step found (or the best point of the bracket); the zoom
+    stops once the bracket is narrower than `tolerance_change` along d.
     """
     d_norm = float(d.abs().max())
     f_new, g_new = obj(x, t, d)

@@ -1,8 +1,8 @@
 """Optimizer drivers over a `Problem`: full-batch L-BFGS / GD, and minibatch Adam / SGD.
 
 The driver owns θ (one flat float64 vector) and the optimizer state; the Problem computes
-exact evaluations however it likes (one process, or a Ray cluster). The exactness contract of
-The exactness table of docs/maths.md §5 is decided here:
+exact evaluations however it likes (one process, or a Ray cluster). The exactness table of
+docs/maths.md §5 is decided here:
 
 | method        | ρ̂ used for the step                                   | gradient            |
 | lbfgs, gd     | exact, at the current θ                                | exact ∇J            |
@@ -85,7 +85,7 @@ class Trainer:
                 self.theta.detach(),  # shares θ's storage: the steps move θ in place
                 lr=oc.learning_rate,
                 # One iteration per step(), so each step can be logged and checkpointed; the line
-                # search gets the 25 evaluations that torch's _strong_wolfe allows by default.
+                # search gets max_ls = max_eval − 1 = 25, torch's _strong_wolfe's default.
                 max_eval=1 + 25,
                 history_size=oc.history_size,
                 tolerance_grad=oc.tolerance_grad,
