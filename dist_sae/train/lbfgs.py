@@ -4,14 +4,16 @@ Why not torch.optim.LBFGS itself (measured at the notes' exercise's size, 64-25-
 history 100): constructing any torch.optim.Optimizer imports torch._dynamo, about 1 s of the start
 of every process that builds one (the driver with --local, the parameter server on Ray), a tenth
 of the whole exercise; and its step's own arithmetic takes 1.44 ms at a full history against this
-one's 0.94 ms (the two-loop keeps its scalars as floats: fewer tensor operations). The algorithm is the same, operation for operation: the two-loop
-recursion (Nocedal & Wright, "Numerical Optimization", Algorithm 7.4) with the scaled identity
-H₀ = sᵀy / yᵀy, and the strong-Wolfe line search with cubic interpolation of minFunc (Schmidt),
-as torch ports it from torch7's optim package. Vectors are float64 tensors and the direction is
-torch's bit for bit; the line search's scalars are Python floats, each operation rounded once
-(torch's 0-d tensors round sqrt and float/tensor division differently in the last bit), so its
-iterates agree with torch.optim.LBFGS(max_iter=1)'s to rounding (tests/unit/test_lbfgs.py), and
-each's state_dict loads into the other: checkpoints keep torch's format.
+one's 0.94 ms (the two-loop keeps its scalars as floats: fewer tensor operations).
+
+The algorithm is torch's, step for step: the two-loop recursion (Nocedal & Wright, "Numerical
+Optimization", Algorithm 7.4) with the scaled identity H₀ = sᵀy / yᵀy, and the strong-Wolfe line
+search with cubic interpolation of minFunc (Schmidt), as torch ports it from torch7's optim
+package. Vectors are float64 tensors and the direction is torch's bit for bit; the line search's
+scalars are Python floats, each operation rounded once (torch's 0-d tensors round sqrt and
+float/tensor division differently in the last bit), so its iterates agree with
+torch.optim.LBFGS(max_iter=1)'s to rounding (tests/unit/test_lbfgs.py), and each's state_dict
+loads into the other: checkpoints keep torch's format.
 
 One `step` is one iteration (torch's max_iter=1): Trainer logs and checkpoints every iteration.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -61,32 +62,34 @@ class LocalEvaluator:
         self.runner.set_theta(theta, ("local", self._version))
         self.runner.set_g(g)
         reducer = OrderedReducer([u.id for u in units])
-        io_s = compute_s = 0.0  # io_s: time blocked waiting for a block (read-ahead not keeping up)
+        io_s = compute_s = 0.0
         bar = self.progress(kind, sum(u.rows for u in units)) if self.progress else None
-        t0 = mark = time.perf_counter()
-        if self.lanes is not None and len(units) > 1:  # (a minibatch of one unit: no thread hand-off)
-            # io_s, compute_s: lane-seconds summed over the lanes, as a Ray pass sums worker-seconds.
-            for unit, (sums, load_s, unit_s) in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
-                reducer.add(unit.id, sums)
-                io_s += load_s
-                compute_s += unit_s
-                if bar is not None:
-                    bar.update(unit.rows)
-            if bar is not None:
-                bar.close()
-            return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
-        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
-            got = time.perf_counter()
-            io_s += got - mark
-            reducer.add(unit.id, self.runner.compute(kind, unit, block))
-            self.runner.release(block)
-            mark = time.perf_counter()
-            compute_s += mark - got
+        t0 = time.perf_counter()
+        for unit, sums, load_s, unit_s in self._sums(kind, units):
+            reducer.add(unit.id, sums)
+            io_s += load_s
+            compute_s += unit_s
             if bar is not None:
                 bar.update(unit.rows)
         if bar is not None:
             bar.close()
-        return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": mark - t0}
+        return reducer.total, {"io_s": io_s, "compute_s": compute_s, "wall_s": time.perf_counter() - t0}
+
+    def _sums(self, kind: str, units: list[WorkUnit]) -> Iterator[tuple[WorkUnit, Sums, float, float]]:
+        """(unit, its sums, seconds waiting for its block, seconds computing) for every unit: on the
+        lanes as they finish (lane-seconds, as a Ray pass sums worker-seconds), or here in unit
+        order with the next blocks read ahead (io_s: the read-ahead not keeping up)."""
+        if self.lanes is not None and len(units) > 1:  # (a minibatch of one unit: no thread hand-off)
+            for unit, (sums, load_s, unit_s) in self.lanes.map(lambda unit, ws: self._unit(kind, unit, ws), units):
+                yield unit, sums, load_s, unit_s
+            return
+        mark = time.perf_counter()
+        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
+            got = time.perf_counter()
+            sums = self.runner.compute(kind, unit, block)
+            self.runner.release(block)
+            yield unit, sums, got - mark, time.perf_counter() - got
+            mark = time.perf_counter()
 
     def _unit(self, kind: str, unit: WorkUnit, ws: Workspace) -> tuple[Sums, float, float]:
         """One unit on a lane: loaded, computed into the lane's workspace, its block handed back;
