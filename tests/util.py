@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 
 from dist_sae.config import load_config
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.reader import BlockReader
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.data.writer import write_array
 
 
@@ -54,10 +55,16 @@ def config(data=None, **overrides):
     return load_config(None, items)
 
 
+def global_rows(unit: WorkUnit, shard_rows: list[int]) -> np.ndarray:
+    """The dataset-wide indices of a unit's rows (shards concatenated in order)."""
+    offsets = np.cumsum([0] + list(shard_rows))
+    return np.concatenate([np.arange(offsets[s] + a, offsets[s] + b) for s, a, b in unit.spans])
+
+
 def read_all(path) -> np.ndarray:
     ds = Dataset.open(path)
     with BlockReader(ds) as reader:
-        return np.concatenate([reader.read(WorkUnit(i, i, 0, s.rows)) for i, s in enumerate(ds.shards)])
+        return np.concatenate([reader.read(WorkUnit.of(i, i, 0, s.rows)) for i, s in enumerate(ds.shards)])
 
 
 class _Links(HTMLParser):

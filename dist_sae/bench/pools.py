@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dist_sae.bench.timing import emit_report
 from dist_sae.cluster.dispatch import Dispatcher
-from dist_sae.data.dataset import WorkUnit, taper_units
+from dist_sae.data.workunit import WorkUnit, taper_units
 
 CALL_S = 0.001  # a Ray call's overhead per unit (measured ~1 ms on loopback)
 
@@ -76,7 +76,7 @@ def simulate(speeds: list[float], units: list[WorkUnit], balance: bool, depth: i
 
 
 def cut(rows: int, block_rows: int) -> list[WorkUnit]:
-    return [WorkUnit(i, 0, s, min(s + block_rows, rows)) for i, s in enumerate(range(0, rows, block_rows))]
+    return [WorkUnit.of(i, 0, s, min(s + block_rows, rows)) for i, s in enumerate(range(0, rows, block_rows))]
 
 
 def simulated(rows: int = 1_000_000, block_rows: int = 16384, cpu_rows_per_s: float = 60_000.0) -> dict:

@@ -28,7 +28,8 @@ import numpy as np
 import ray
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import MIN_UNIT_ROWS, Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import MIN_UNIT_ROWS, WorkUnit
 from dist_sae.train.passes import PASS_KINDS
 from dist_sae.train.units import pass_units
 from dist_sae.errors import StorageError, TrainingError
@@ -58,12 +59,6 @@ WORKER_LOST = (
     ray.exceptions.NodeDiedError,
     ray.exceptions.ObjectLostError,
 )
-
-
-def wire(unit: WorkUnit) -> tuple[int, int, int, int]:
-    """A unit as the worker calls take it, (id, shard, start, stop): Ray serializes a tuple of ints
-    in half the time of the dataclass (cloudpickle), and each minibatch step sends one per worker."""
-    return (unit.id, unit.shard, unit.start, unit.stop)
 
 
 class RayEvaluator(Recovery):
@@ -124,7 +119,7 @@ class RayEvaluator(Recovery):
         Below INLINE_THETA_BYTES the store costs more than it saves: ray.put, then every worker asks
         the owner for the object before it can start (measured 1.5 ms of the server's 7.5 ms per
         minibatch step for the 64-25-64 model, 26 KB); Ray copies small arguments into the call itself.
-        Inline θ travels as bytes, which Ray serializes 30× faster than an ndarray (see wire()).
+        Inline θ travels as bytes, which Ray serializes 30× faster than an ndarray (as units travel as WorkUnit.flat()).
         """
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         digest = hashlib.sha1(theta.tobytes()).digest()
@@ -234,9 +229,9 @@ class RayEvaluator(Recovery):
         def submit(w, call):
             if remote is None:
                 method = self.workers[w].run_fold if call[0].id in folds else self.workers[w].run_many
-                return method.remote(kind, [wire(u) for u in call], theta_key, theta_ref, g_key, g_arg)
+                return method.remote(kind, [u.flat() for u in call], theta_key, theta_ref, g_key, g_arg)
             unit, = call
-            meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, wire(unit), theta_key, theta_ref, g_key, g_arg)
+            meta, kept[unit.id] = self.workers[w].run_kept.options(num_returns=2).remote(kind, unit.flat(), theta_key, theta_ref, g_key, g_arg)
             return meta
 
         def consume(call, result, bar):
@@ -299,8 +294,8 @@ class RayEvaluator(Recovery):
         """`units` as calls of consecutive units (one message to a worker and one reply per call),
         and the calls the worker folds: {first unit id: reduction group index}.
 
-        Only units under MIN_UNIT_ROWS rows travel together (a dataset of many small shards, such as
-        the notes' 10,000 patches in shards of 1,024):
+        Only units under MIN_UNIT_ROWS rows travel together (data.block_rows set that small, or a
+        minibatch's parts; small shards are already packed into large units, workunit.cut_units):
         - A whole reduction group (sae/sums.py) of such units, up to block_rows rows, is one call
           that the worker folds into the group's sum, in the group's own order (the same floats
           as here), so its reply is one unit's size: a reply of several units' sums (past Ray's
@@ -374,7 +369,7 @@ class RayEvaluator(Recovery):
             return order[position + window].id if position + window < len(order) else None
 
         def submit(w, call):
-            return self.workers[w].transform.remote(kind, wire(call[0]), theta_key, theta_ref, layer)
+            return self.workers[w].transform.remote(kind, call[0].flat(), theta_key, theta_ref, layer)
 
         for (unit,), (got_id, out) in self._results([(u,) for u in order], submit, bound):
             if got_id != unit.id:

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.reader import BlockReader
+from dist_sae.data.workunit import WorkUnit
 
 PARQUET_ROWS = 16384  # rows per Parquet file: Ray Data's blocks, shuffled in order each epoch
 
@@ -42,7 +43,7 @@ def to_parquet(dataset_path: str | Path, out: str | Path) -> Path:
     with BlockReader(ds) as reader:
         for shard, info in enumerate(ds.shards):
             for start in range(0, info.rows, PARQUET_ROWS):
-                rows = reader.read(WorkUnit(count, shard, start, min(start + PARQUET_ROWS, info.rows)))
+                rows = reader.read(WorkUnit.of(count, shard, start, min(start + PARQUET_ROWS, info.rows)))
                 table = pa.table({"x": ArrowTensorArray.from_numpy(np.ascontiguousarray(rows))})
                 pq.write_table(table, out / f"part-{count:05d}.parquet")
                 count += 1

@@ -17,7 +17,8 @@ import torch
 
 from dist_sae.train.checkpoint import AtomicStepper
 from dist_sae.config import from_dict
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.train.problem import PassProblem
 from dist_sae.train.units import local_threads
 from dist_sae.train.optim import Trainer

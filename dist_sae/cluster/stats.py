@@ -14,9 +14,10 @@ import ray.exceptions
 from dist_sae.sections import WorkersConfig
 from dist_sae.errors import DataError, DistSaeError
 from dist_sae.data.reader import BlockReader
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.transforms import SumsFn, Transform, reduce_sums, unit_sums
 from dist_sae.cluster.runtime import connect
+from dist_sae.data.workunit import WorkUnit
 
 
 def unit_partial_sums(dataset_dir: str, unit: WorkUnit, kind: str, center, pre: Transform) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dist_sae.config import from_dict
-from dist_sae.data.dataset import WorkUnit
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.train.passes import PassRunner
 from dist_sae.train.inputs import resolve_device
 from dist_sae.sae.sums import Sums, fold
@@ -140,7 +140,7 @@ class Worker:
     def run(
         self,
         kind: str,
-        unit: tuple[int, int, int, int],
+        unit: tuple[int, ...],
         theta_key: object,
         theta: np.ndarray | bytes,
         g_key: object = None,
@@ -149,7 +149,7 @@ class Worker:
         """Partial sums of one unit for pass1, pass2 or onepass.
 
         Args:
-            unit: the rows to run, as (id, shard, start, stop) (evaluator.wire).
+            unit: the rows to run, as WorkUnit.flat() gives them.
             theta_key: names θ; the model is reloaded only when it changes.
             theta: θ (P,) float64 (Ray passes it from the object store, read-only), or its bytes.
             g_key, g: names and holds the KL′ vectors of pass 2, float64 bytes (None otherwise).
@@ -158,7 +158,7 @@ class Worker:
             (unit id, float64 sums incl. "rows", {"read_s", "compute_s"}).
         """
         t0 = time.perf_counter()
-        unit = WorkUnit(*unit)
+        unit = WorkUnit.from_flat(unit)
         # Outside the lock, so it overlaps the other call's compute: HDF5 (or the worker's block
         # cache, data.cache_mb), data.transform, conversion to the compute dtype and device.
         block = self.runner.load(unit)
@@ -174,12 +174,12 @@ class Worker:
         self.runner.release(block)  # its buffers are reused by the next load (the sums do not refer to it)
         return unit.id, sums, {"read_s": t1 - t0, "wait_s": t2 - t1, "compute_s": t3 - t2, "pid": self._pid}
 
-    def run_many(self, kind: str, units: list[tuple[int, int, int, int]], *context: Any) -> list[tuple[int, Sums, dict[str, float]]]:
+    def run_many(self, kind: str, units: list[tuple[int, ...]], *context: Any) -> list[tuple[int, Sums, dict[str, float]]]:
         """`run` for each of several units (context: its theta_key, theta, g_key, g), answered in one
         reply: the evaluator merges small units into one call (RayEvaluator.calls)."""
         return [self.run(kind, unit, *context) for unit in units]
 
-    def run_fold(self, kind: str, units: list[tuple[int, int, int, int]], *context: Any) -> tuple[int, Sums, dict[str, Any]]:
+    def run_fold(self, kind: str, units: list[tuple[int, ...]], *context: Any) -> tuple[int, Sums, dict[str, Any]]:
         """`run` for each unit of a whole reduction group (context: its theta_key, theta, g_key, g),
         answered as (first unit id, the group's sum, stats summed over its units): the left fold
         in unit order that the server's reducer would compute (sae/sums.py), so one sum travels."""
@@ -194,7 +194,7 @@ class Worker:
 
         return units[0][0], fold(parts()), {**stats, "pid": self._pid}
 
-    def run_kept(self, kind: str, unit: tuple[int, int, int, int], *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
+    def run_kept(self, kind: str, unit: tuple[int, ...], *context: Any) -> tuple[tuple[int, dict[str, Any]], Sums]:
         """`run` (context: its theta_key, theta, g_key, g), with the sums as a second return value:
         called with num_returns=2, they stay in this node's object store for the grouped or tree
         reduction (cluster/reduce.py), and only (unit id, stats incl. "node": this node's id) and
@@ -202,10 +202,10 @@ class Worker:
         uid, sums, stats = self.run(kind, unit, *context)
         return (uid, {**stats, "node": self._node}), sums
 
-    def transform(self, kind: str, unit: tuple[int, int, int, int], theta_key: object, theta: np.ndarray | bytes,
+    def transform(self, kind: str, unit: tuple[int, ...], theta_key: object, theta: np.ndarray | bytes,
                   layer: int | None = None) -> tuple[int, np.ndarray]:
-        """Per-row outputs of one unit (id, shard, start, stop): `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
-        unit = WorkUnit(*unit)
+        """Per-row outputs of one unit (WorkUnit.flat()): `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
+        unit = WorkUnit.from_flat(unit)
         block = self.runner.load(unit)
         with self._compute:
             self._maybe_fail()

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from dist_sae.data.reader import BlockReader, prefetch
-from dist_sae.data.dataset import Dataset, WorkUnit, publishing
+from dist_sae.data.dataset import Dataset, publishing
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.data.writer import DatasetWriter
 from dist_sae.errors import DataError
 from dist_sae.data.patches import patch_source
@@ -103,7 +104,7 @@ class DatasetSource(Source):
         units, offset = [], 0
         for shard, info in enumerate(self.dataset.shards):
             lo, hi = max(r.start - offset, 0), min(r.stop - offset, info.rows)
-            units += [WorkUnit(len(units), shard, a, min(a + block_rows, hi)) for a in range(lo, hi, block_rows)]
+            units += [WorkUnit.of(len(units), shard, a, min(a + block_rows, hi)) for a in range(lo, hi, block_rows)]
             offset += info.rows
         with BlockReader(self.dataset) as reader:
             for _, block in prefetch(reader, units, depth=1):

@@ -281,7 +281,7 @@ def sample_grid(path: str | Path, png: str | Path, count: int = 64, scale: int =
     from PIL import Image
 
     from dist_sae.data.reader import BlockReader
-    from dist_sae.data.dataset import WorkUnit
+    from dist_sae.data.workunit import WorkUnit
 
     ds = Dataset.open(path)
     drawn = image_shape(ds.sample_shape, shape)
@@ -297,7 +297,7 @@ def sample_grid(path: str | Path, png: str | Path, count: int = 64, scale: int =
         for k, row in enumerate(picks):
             shard = int(np.searchsorted(offsets, row, side="right") - 1)
             start = int(row - offsets[shard])
-            x = reader.read(WorkUnit(k, shard, start, start + 1))[0].astype(np.float64).reshape(h, w, channels)
+            x = reader.read(WorkUnit.of(k, shard, start, start + 1))[0].astype(np.float64).reshape(h, w, channels)
             span = x.max() - x.min()
             x = (x - x.min()) / span if span > 0 else np.zeros_like(x)
             r, c = divmod(k, cols)

@@ -1,6 +1,6 @@
 """Datasets on disk: a folder with `dataset.json` and HDF5 shards holding one 2-D `x`.
 
-Reading is by work units, (shard, row range) blocks; memory is bounded by the block size, never by
+Reading is by work units (data/workunit.py), blocks of rows; memory is bounded by the block size, never by
 the shard or dataset size. Writing streams rows into shards inside a temporary folder that is
 renamed into place only when complete, so an interrupted build leaves nothing that looks whole.
 """
@@ -22,36 +22,15 @@ import h5py
 import numpy as np
 
 from dist_sae.data import storage
+from dist_sae.data.workunit import WorkUnit, cut_units
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
-# Passes cut a small dataset into up to this many units, so that several workers get work, but never
-# into units under MIN_UNIT_ROWS rows: a Ray call costs ~1 ms, the compute of ~1-4k rows of a small
-# model (10,000 rows × 64-25-64 on 2 Ray workers: 17 ms per evaluation in 2 units, 24 in 4, 31 in 8).
-PASS_MIN_UNITS = 4
-MIN_UNIT_ROWS = 4096
-# data.taper: units in the pass's third quarter of rows are cut in halves, the next eighth in quarters,
-# the rest in eighths (never under MIN_UNIT_ROWS rows), so the units handed out last are small.
-TAPER = (2, 4, 8)
 FORMAT = "dist_sae.dataset/1"
 DATASET_KEY = "x"
 SAMPLE_ROWS = 64  # rows at each end of a shard that Dataset.open checks for NaN/Inf
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """Rows [start, stop) of shard `shard`; `id` orders the reduction of partial sums."""
-
-    id: int
-    shard: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -233,57 +212,9 @@ class Dataset:
         return chunks[0] if chunks else 1
 
     def units(self, block_rows: int, align: bool = True, min_units: int = 0, taper: bool = False) -> list[WorkUnit]:
-        """Cut every shard into blocks of at most `block_rows` rows, numbered in shard-then-row order.
-
-        With align, block_rows is rounded down to a whole number of HDF5 chunks (when it spans one or
-        more), so no chunk is read and decompressed by two units. With min_units, a dataset too small
-        to make that many blocks is cut into up to min_units equal blocks of at least MIN_UNIT_ROWS
-        rows instead (not chunk-aligned), so that every worker of a pass gets work. With taper, units
-        are cut smaller toward the pass's end (taper_units). The cut depends only on the data, never on
-        the number or kind of workers, so results stay bit-identical for any worker count.
-        """
-        wanted = min(min_units, self.rows // MIN_UNIT_ROWS)
-        if wanted > 1 and sum(-(-info.rows // block_rows) for info in self.shards) < wanted:
-            block_rows = -(-self.rows // wanted)
-            align = False
-        if align:
-            chunk = self.chunk_rows()
-            if block_rows >= chunk:
-                block_rows -= block_rows % chunk
-        units = []
-        for shard, info in enumerate(self.shards):
-            for start in range(0, info.rows, block_rows):
-                units.append(WorkUnit(len(units), shard, start, min(start + block_rows, info.rows)))
-        return taper_units(units, chunk=self.chunk_rows() if align else 1) if taper else units
-
-
-def taper_units(units: list[WorkUnit], min_rows: int = MIN_UNIT_ROWS, chunk: int = 1) -> list[WorkUnit]:
-    """`units` cut smaller toward the pass's end, renumbered in order (data.taper).
-
-    A unit starting in the first half of the pass's rows stays whole; one starting in the next
-    quarter is cut in 2, the next eighth in 4, the rest in 8 (TAPER), never into pieces under
-    `min_rows` rows; piece boundaries fall on multiples of `chunk` rows where a piece spans chunks.
-    So a pass holds large units for fast workers at its front (taken lowest id first) and small ones
-    at its back, which slow workers take (cluster.dispatch): the units left when the pass ends are
-    small, whoever holds them.
-    """
-    if len(units) < PASS_MIN_UNITS:
-        return units
-    total = sum(u.rows for u in units)
-    out: list[WorkUnit] = []
-    offset = 0  # rows of the pass before this unit
-    for unit in units:
-        level = 0
-        while level < len(TAPER) and offset >= total * (1 - 0.5 ** (level + 1)):
-            level += 1
-        offset += unit.rows
-        parts = max(1, min(TAPER[level - 1] if level else 1, unit.rows // min_rows))
-        size = unit.rows / parts
-        step = chunk if size >= chunk else 1
-        cuts = [unit.start + int(round(k * size)) // step * step for k in range(parts)] + [unit.stop]
-        base = len(out)
-        out.extend(WorkUnit(base + i, unit.shard, lo, hi) for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])))
-    return out
+        """The dataset's work units (workunit.cut_units): blocks of at most `block_rows` rows, small
+        shards packed together; with align, cut on whole HDF5 chunks."""
+        return cut_units([info.rows for info in self.shards], block_rows, self.chunk_rows() if align else 1, min_units, taper)
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 
 from dist_sae.errors import DataError
-from dist_sae.data.dataset import DATASET_KEY, Dataset, WorkUnit
+from dist_sae.data.dataset import DATASET_KEY, Dataset
+from dist_sae.data.workunit import Span, WorkUnit
 
 
 class BlockReader:
@@ -48,36 +49,52 @@ class BlockReader:
             self._files.move_to_end(shard)
         return f
 
+    def _rows(self, span: Span, into: np.ndarray | None = None) -> np.ndarray:
+        """The span's rows: a new array, or read into `into` (C-contiguous, its rows and dtype)."""
+        try:
+            x = self._file(span.shard)[DATASET_KEY]
+            if into is None:
+                return x[span.start : span.stop]
+            x.read_direct(into, np.s_[span.start : span.stop])
+            return into
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"shard {self.dataset.shard_path(span.shard)}: rows {span.start}:{span.stop} cannot be read "
+                f"({type(exc).__name__}: {exc}); the file is corrupt or truncated"
+            ) from None
+
     def read(self, unit: WorkUnit, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows of the unit, (unit.rows, dim), in the stored dtype.
+        """Rows of the unit, (unit.rows, dim), in the stored dtype, its spans one after another.
 
         out: a C-contiguous (>= unit.rows, dim) array of the stored dtype to read into (h5py's
         read_direct: no new multi-MB array per block, which lets the heap fragment and RSS creep
         up with the data size); the rows are then out[:unit.rows]. Any other `out` is not used.
         """
+        rows, dtype = unit.rows, np.dtype(self.dataset.dtype)
+        usable = out is not None and out.dtype == dtype and out.shape[0] >= rows and out.shape[1:] == (self.dataset.dim,)
         with self._lock:
-            try:
-                x = self._file(unit.shard)[DATASET_KEY]
-                if out is not None and out.dtype == x.dtype and out.shape[0] >= unit.rows and out.shape[1:] == x.shape[1:]:
-                    block = out[: unit.rows]
-                    x.read_direct(block, np.s_[unit.start : unit.stop])
-                else:
-                    block = x[unit.start : unit.stop]
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(
-                    f"shard {self.dataset.shard_path(unit.shard)}: rows {unit.start}:{unit.stop} cannot be read "
-                    f"({type(exc).__name__}: {exc}); the file is corrupt or truncated"
-                ) from None
+            if len(unit.spans) == 1 and not usable:
+                block = self._rows(unit.spans[0])
+            else:
+                block, at = out[:rows] if usable else np.empty((rows, self.dataset.dim), dtype), 0
+                for span in unit.spans:
+                    self._rows(span, block[at : at + span.stop - span.start])
+                    at += span.stop - span.start
         # A float64 sum is finite when every value is (it cannot overflow for float32 rows), and needs
         # no (B, n) temporary; only a non-finite sum (or a float64 overflow) takes the element check.
         if self.check_finite and not np.isfinite(block.sum(dtype=np.float64)) and not np.isfinite(block).all():
-            bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-            raise DataError(
-                f"shard {self.dataset.shard_path(unit.shard)}: non-finite values (NaN/Inf) in rows "
-                f"{unit.start + int(bad[0])}..{unit.start + int(bad[-1])} ({bad.size} rows); clean the data first"
-            )
+            at = 0  # names the first span with bad rows
+            for span in unit.spans:
+                part = block[at : at + span.stop - span.start]
+                at += part.shape[0]
+                bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
+                if bad.size:
+                    raise DataError(
+                        f"shard {self.dataset.shard_path(span.shard)}: non-finite values (NaN/Inf) in rows "
+                        f"{span.start + int(bad[0])}..{span.start + int(bad[-1])} ({bad.size} rows); clean the data first"
+                    )
         return block
 
     def close(self) -> None:

@@ -27,8 +27,9 @@ import numpy as np
 
 from dist_sae.report import viz
 from dist_sae.data.reader import BlockReader
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.transforms import load_transform
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.session import open_session
 from dist_sae.train.rundir import METRICS_FILE, SUMMARY_FILE
 from dist_sae.train.inputs import bind_dataset, inherited_transform, input_transform
@@ -76,7 +77,7 @@ def read_rows(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
         for i, index in enumerate(indices):
             shard = int(np.searchsorted(starts, index, side="right") - 1)
             row = int(index - starts[shard])
-            out[i] = reader.read(WorkUnit(i, shard, row, row + 1))[0]
+            out[i] = reader.read(WorkUnit.of(i, shard, row, row + 1))[0]
     return out
 
 

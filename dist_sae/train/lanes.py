@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from dist_sae.data.dataset import WorkUnit
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.sae.backward import Workspace
 
 R = TypeVar("R")

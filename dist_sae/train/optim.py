@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import WorkUnit
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.errors import TrainingError
 from dist_sae.train.lbfgs import LBFGS
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, sparsity_state

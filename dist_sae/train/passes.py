@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.reader import BlockReader, BufferPool
 from dist_sae.data.storage import shard_cache
+from dist_sae.data.workunit import Span, WorkUnit
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Objective
 from dist_sae.sae.sums import Sums, data_block_sums
@@ -59,7 +60,7 @@ class PassRunner:
         self.model = SparseAutoencoder.from_config(cfg, self.dtype, self.device)
         self.input_transform = input_transform(cfg)  # raw rows -> what the model was trained on
         self.cache_budget = cfg.data.cache_mb * 2**20
-        self._cache: dict[tuple[int, int, int], torch.Tensor] = {}  # (shard, start, stop) -> block
+        self._cache: dict[tuple[Span, ...], torch.Tensor] = {}  # unit.spans -> block
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         # Streamed (uncached) blocks live in reused buffers (reader.BufferPool says why): the rows
@@ -73,7 +74,7 @@ class PassRunner:
         # The blocks' (B, h) intermediates, reused (compute runs one block at a time): made at
         # block_rows on the CPU, where untouched pages cost nothing; on a GPU at the rows a block needs.
         self.workspace = Workspace(cap if self.device.type == "cpu" else 0)
-        self._data_sums: dict[tuple[int, int, int], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
+        self._data_sums: dict[tuple[Span, ...], Sums] = {}  # Σx, Σ‖x‖² per unit: n + 1 floats, θ-free
         self.g: list[torch.Tensor] | None = None
         self.dead: torch.Tensor | None = None
         self.noise = cfg.noise
@@ -113,7 +114,7 @@ class PassRunner:
         reused buffers: hand each block back with `release` once its compute is done (a block not
         released is simply not reused). Safe to call from a read-ahead thread.
         """
-        key = (unit.shard, unit.start, unit.stop)
+        key = unit.spans
         cached = self._cache.get(key)
         if cached is not None:
             return cached
@@ -167,7 +168,7 @@ class PassRunner:
         """
         if self.noise.kind == "none":
             return None
-        draws = row_noise(self.noise.kind, self.seed, unit.shard, unit.start, unit.stop, x.shape[1])
+        draws = torch.cat([row_noise(self.noise.kind, self.seed, *span, x.shape[1]) for span in unit.spans])
         if self.noise.kind == "gaussian":
             return x + (draws * self.noise.sigma).to(x.device, x.dtype)
         return x * (draws >= self.noise.p).to(x.device, x.dtype)
@@ -190,7 +191,7 @@ class PassRunner:
 
     def data_sums(self, unit: WorkUnit, x: torch.Tensor) -> Sums:
         """The unit's Σx and Σ‖x‖² (for the FVU); they do not depend on θ, so they are kept with cached blocks."""
-        key = (unit.shard, unit.start, unit.stop)
+        key = unit.spans
         sums = self._data_sums.get(key)
         if sums is None:
             sums = data_block_sums(x)

@@ -17,8 +17,9 @@ from typing import Protocol
 import numpy as np
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.reader import prefetch
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.errors import TrainingError
 from dist_sae.sae.backward import Workspace
 from dist_sae.sae.model import SparseAutoencoder

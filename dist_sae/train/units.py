@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import PASS_MIN_UNITS, Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import PASS_MIN_UNITS, WorkUnit
 from dist_sae.sae.model import layer_sizes
 
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # at import, before any PassRunner changes it
@@ -24,7 +25,7 @@ def minibatches(dataset: Dataset, batch_size: int, parts: int) -> list[list[Work
             bounds = np.linspace(start, stop, min(parts, stop - start) + 1).round().astype(int)
             batch = []
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                batch.append(WorkUnit(next_id, shard, int(lo), int(hi)))
+                batch.append(WorkUnit.of(next_id, shard, int(lo), int(hi)))
                 next_id += 1
             batches.append(batch)
     return batches
@@ -36,8 +37,8 @@ SMALL_UNIT_WORK = 2**25  # rows × parameters of a work unit under which one tor
 def local_threads(cfg: Config, units: list[WorkUnit]) -> int:
     """Torch threads of the single-process engine: compute.threads, else by the size of a work unit.
 
-    Intra-op threads pay only on large products: on the notes' exercise (10,000 rows cut into
-    1,000-row units, 64-25-64) an exact evaluation took 26.5 ms with 2 threads and 17.1 ms with 1
+    Intra-op threads pay only on large products: on the notes' exercise (10,000 rows, 64-25-64,
+    then in 1,024-row units) an exact evaluation took 26.5 ms with 2 threads and 17.1 ms with 1
     on a quiet 2-core machine (float32: 66.7 and 9.5 ms), while 784-1024-784 on 4,096-row units
     runs 1.7× faster on 2. So 0 means all the cores torch sees when a unit's rows × the model's
     parameters reach SMALL_UNIT_WORK (the largest pass unit, or the minibatch), else 1.

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
 
 import numpy as np
 import pytest
 
 from dist_sae.session import LocalSession, initial_theta
 from dist_sae.api import train
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.train.passes import PassRunner
 from dist_sae.train.problem import LocalEvaluator, PassProblem, local_problem
 from dist_sae.train.inputs import bind_dataset
@@ -130,12 +130,12 @@ def test_plain_worker_matches_the_pass_runner_without_ray(data):
     runner = PassRunner(cfg, ds)
     runner.set_theta(theta)
     unit = ds.units(cfg.data.block_rows)[3]
-    uid, sums, stats = worker.run("pass1", astuple(unit), "k", theta)
+    uid, sums, stats = worker.run("pass1", unit.flat(), "k", theta)
     expected = runner.run_unit("pass1", unit)
     assert uid == unit.id and set(stats) >= {"read_s", "compute_s"}
     for key in expected:
         np.testing.assert_array_equal(sums[key], expected[key])
-    _, codes = worker.transform("encode", astuple(unit), "k", theta)
+    _, codes = worker.transform("encode", unit.flat(), "k", theta)
     assert codes.shape == (unit.rows, 6)
     worker.close()
     runner.close()
@@ -153,7 +153,7 @@ def test_plain_worker_on_two_threads_reuses_a_few_buffers_and_sums_as_the_runner
     local = LocalEvaluator(PassRunner(cfg, ds))
     try:
         with ThreadPoolExecutor(2) as pool:
-            got = dict(r[:2] for r in pool.map(lambda u: worker.run("pass1", astuple(u), "k", theta), units))
+            got = dict(r[:2] for r in pool.map(lambda u: worker.run("pass1", u.flat(), "k", theta), units))
         want, _ = local.run("pass1", theta, units)
         reducer = OrderedReducer([u.id for u in units])
         for uid, sums in got.items():
@@ -263,7 +263,7 @@ def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data)
 
         def cut(rows: list[int]) -> tuple[list[list[int]], list[int]]:
             """(unit ids per call, the first ids of the calls a worker folds)"""
-            calls, folds = evaluator.calls([WorkUnit(i, 0, 0, r) for i, r in enumerate(rows)])
+            calls, folds = evaluator.calls([WorkUnit.of(i, 0, 0, r) for i, r in enumerate(rows)])
             return [[u.id for u in call] for call in calls], sorted(folds)
 
         # A whole reduction group (⌈√U⌉ units) within block_rows=10 rows is one folded call.
@@ -283,7 +283,7 @@ def test_small_units_travel_together_and_the_sum_is_unchanged(ray_session, data)
         evaluator.cfg = cfg.with_overrides({"data.block_rows": 16384})
         try:
             assert cut([16384] * 4 + [8192] * 4 + [4096] * 8) == ([[i] for i in range(16)], [])
-            assert cut([1024] * 10) == ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], [0, 4, 8])  # the notes' shards
+            assert cut([1024] * 10) == ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], [0, 4, 8])  # 1,024-row units (block_rows=1024)
             # Now every group of the 103 units (11 units, up to 110 rows) is folded by a worker: still the same sum.
             calls, folds = evaluator.calls(evaluator.units)
             assert len(calls) == len(folds) == 10

@@ -13,7 +13,7 @@ from dist_sae.data.writer import DatasetWriter, write_array
 from dist_sae.errors import DataError
 from dist_sae.data.build import WriterOptions, build_from_npy
 
-from util import random_rows
+from util import global_rows, random_rows
 
 
 def test_write_then_read_every_unit_in_order(tmp_path):
@@ -34,9 +34,8 @@ def test_units_cover_every_row_exactly_once(tmp_path):
     ds = write_array(tmp_path / "d", random_rows(777, 3), shard_rows=250, chunk_rows=10)
     for block in (1, 7, 64, 5000):
         covered = np.zeros(777, dtype=int)
-        offsets = np.cumsum([0] + [s.rows for s in ds.shards])
         for u in ds.units(block):
-            covered[offsets[u.shard] + u.start : offsets[u.shard] + u.stop] += 1
+            covered[global_rows(u, [s.rows for s in ds.shards])] += 1
         assert (covered == 1).all()
 
 
@@ -94,9 +93,9 @@ def test_build_from_npy_memory_maps_and_keeps_shape(tmp_path):
 
 
 def test_prefetch_raises_load_errors_in_order_and_keeps_order(tmp_path):
-    from dist_sae.data.dataset import WorkUnit
+    from dist_sae.data.workunit import WorkUnit
 
-    units = [WorkUnit(i, 0, i, i + 1) for i in range(6)]
+    units = [WorkUnit.of(i, 0, i, i + 1) for i in range(6)]
 
     def load(unit):
         if unit.id == 4:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.train.lanes import Lanes
@@ -54,7 +55,7 @@ def test_lanes_give_the_sums_of_one_lane_bit_for_bit(data, overrides):
 
 
 def test_a_failing_unit_stops_the_lanes_and_is_raised():
-    units = [WorkUnit(i, 0, 10 * i, 10 * i + 10) for i in range(40)]
+    units = [WorkUnit.of(i, 0, 10 * i, 10 * i + 10) for i in range(40)]
     started: list[int] = []
     lock = threading.Lock()
 
@@ -94,7 +95,7 @@ def test_each_lane_has_its_own_workspace_and_torch_threads():
             seen[unit.id] = (id(ws), torch.get_num_threads())
             return unit.id
 
-        list(lanes.map(work, [WorkUnit(i, 0, i, i + 1) for i in range(2)]))
+        list(lanes.map(work, [WorkUnit.of(i, 0, i, i + 1) for i in range(2)]))
         assert len({ws for ws, _ in seen.values()}) == 2
         assert {threads for _, threads in seen.values()} == {1}
     finally:
@@ -108,7 +109,7 @@ def test_local_lanes_one_per_core_for_small_units_on_the_cpu(data):
     cpu = torch.device("cpu")
 
     def lanes(threads=1, device=cpu, **overrides):
-        cfg = bind_dataset(config(data, **overrides), ds)
+        cfg = bind_dataset(config(data, data__block_rows=160, **overrides), ds)  # a unit per shard (150 rows, 16-row chunks)
         return local_lanes(cfg, pass_units(cfg, ds), threads, device)
 
     assert lanes() == min(TORCH_DEFAULT_THREADS, 9)

@@ -103,8 +103,9 @@ def test_gradient_check_below_1e9(tmp_path, overrides):
 def test_results_independent_of_block_size_and_shard_split(tmp_path):
     x = random_rows(211, 9, seed=5)
     results = []
-    for shard_rows, block_rows in [(211, 1000), (100, 16), (37, 7), (13, 5)]:
-        path = tmp_path / f"d{shard_rows}"
+    # (37, 100) and (13, 1000): units of several small shards (74 rows of two shards; all 211 rows of 17)
+    for shard_rows, block_rows in [(211, 1000), (100, 16), (37, 7), (13, 5), (37, 100), (13, 1000)]:
+        path = tmp_path / f"d{shard_rows}-{block_rows}"
         make_dataset(path, x, shard_rows=shard_rows, chunk_rows=4)
         ev, _, _ = evaluate_engine(config(path, model__hidden=[6], data__block_rows=block_rows), path)
         results.append(ev)

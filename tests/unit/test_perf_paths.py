@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dist_sae.config import load_config
-from dist_sae.data.dataset import MIN_UNIT_ROWS, Dataset
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import MIN_UNIT_ROWS
 from dist_sae.train.inputs import bind_dataset
 from dist_sae.train.problem import local_problem
 from dist_sae.sae.model import SparseAutoencoder
@@ -23,7 +24,7 @@ from dist_sae.sae.blocks import onepass_block, pass1_block, pass2_block
 from dist_sae.bench.compute import PlainTorch
 from dist_sae.bench.peer import numpy_cost, run_peer
 
-from util import config, make_dataset, random_rows
+from util import config, global_rows, make_dataset, random_rows
 
 
 def _setup(hidden, activation="sigmoid", output="sigmoid", kind="kl", layers=(1,), seed=0, rows=37, visible=9):
@@ -114,14 +115,14 @@ def test_min_units_cut_counts_every_row_once(tmp_path):
     units = ds.units(16384, min_units=4)
     assert len(units) >= 4
     covered = np.zeros(rows, dtype=int)
-    offsets = np.cumsum([0] + [s.rows for s in ds.shards])
     for u in units:
-        covered[offsets[u.shard] + u.start : offsets[u.shard] + u.stop] += 1
+        covered[global_rows(u, [s.rows for s in ds.shards])] += 1
     assert (covered == 1).all()
     assert [u.id for u in units] == list(range(len(units)))
-    assert len(ds.units(16384)) == 3  # without min_units, the usual cut (one unit per shard here)
+    # Without min_units, the usual cut: shards of 7000, 7000 and 2397 rows, the first two packed into one unit.
+    assert [u.rows for u in ds.units(16384)] == [14000, 2397]
     tiny = make_dataset(tmp_path / "t", random_rows(70, 3), shard_rows=30)
-    assert len(tiny.units(16384, min_units=4)) == 3  # never units under MIN_UNIT_ROWS rows
+    assert [u.rows for u in tiny.units(16384, min_units=4)] == [70]  # never units under MIN_UNIT_ROWS rows
 
 
 def test_cached_data_sums_and_results_repeat_exactly(tmp_path):

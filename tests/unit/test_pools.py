@@ -16,7 +16,8 @@ from dist_sae.cluster.meter import PassBars, PassMeter
 from dist_sae.cluster.placement import demand, plan_pools
 from dist_sae.config import describe_keys, load_config
 from dist_sae.sections import PoolConfig
-from dist_sae.data.dataset import Dataset, WorkUnit, taper_units
+from dist_sae.data.dataset import Dataset
+from dist_sae.data.workunit import WorkUnit, taper_units
 from dist_sae.errors import ConfigError
 from dist_sae.session import initial_theta
 from dist_sae.train.inputs import bind_dataset
@@ -75,13 +76,14 @@ def test_taper_cuts_from_the_data_only(tmp_path):
     units = cut(40 * 16384, 16384)
     tapered = taper_units(units, chunk=64)
     assert [u.id for u in tapered] == list(range(len(tapered)))
-    assert all(a.stop == b.start for a, b in zip(tapered, tapered[1:])) and tapered[-1].stop == units[-1].stop
+    assert all(a.spans[-1].stop == b.spans[0].start for a, b in zip(tapered, tapered[1:]))
+    assert tapered[-1].spans[-1].stop == units[-1].spans[-1].stop
     sizes = [u.rows for u in tapered]
     assert sizes == sorted(sizes, reverse=True) and min(sizes) == 4096 and sizes[0] == 16384
     assert sum(s == 16384 for s in sizes) == 20 and sizes.count(8192) == 20  # first half whole, next quarter halved
-    assert all(u.start % 64 == 0 for u in tapered)
+    assert all(u.spans[0].start % 64 == 0 for u in tapered)
     assert taper_units(units[:3]) == units[:3]  # a pass too small to taper
-    assert [u.rows for u in taper_units([WorkUnit(0, 0, 0, 5000)] * 4)] == [5000] * 4  # never under MIN_UNIT_ROWS
+    assert [u.rows for u in taper_units([WorkUnit.of(0, 0, 0, 5000)] * 4)] == [5000] * 4  # never under MIN_UNIT_ROWS
     make_dataset(tmp_path / "d", np.random.default_rng(1).uniform(size=(40000, 8)), shard_rows=8192)
     ds = Dataset.open(tmp_path / "d")
     assert ds.units(8192, taper=True) == ds.units(8192, taper=True)

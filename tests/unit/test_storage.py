@@ -18,8 +18,9 @@ from dist_sae.api import train
 from dist_sae.commands.main import main
 from dist_sae.data import storage
 from dist_sae.data.build import build_synthetic, WriterOptions
-from dist_sae.data.dataset import Dataset, WorkUnit
+from dist_sae.data.dataset import Dataset
 from dist_sae.data.reader import BlockReader
+from dist_sae.data.workunit import WorkUnit
 from dist_sae.errors import DataError, StorageError
 
 from s3util import free_port
@@ -83,7 +84,7 @@ def test_training_on_s3_is_bit_identical_to_the_local_copy_and_the_cache_serves_
 def test_a_corrupted_cached_shard_is_fetched_again_never_used(local_s3, remote, tmp_path, verify):
     url, local = remote
     cache = storage.ShardCache(tmp_path / "cache", verify=verify)
-    unit = WorkUnit(0, 1, 0, SHARD_ROWS)
+    unit = WorkUnit.of(0, 1, 0, SHARD_ROWS)
     with BlockReader(Dataset.open(url, cache=cache)) as reader:
         good = reader.read(unit)
     file = cache.local_path(url + "/shard-00001.h5")
@@ -175,7 +176,7 @@ def test_build_refuses_an_existing_dataset_and_sources_read_from_s3(local_s3, re
 
     ds = build_from_npy(bucket + "/inputs/x.npy", bucket + "/fromnpy")
     with BlockReader(ds) as reader:
-        assert np.array_equal(reader.read(WorkUnit(0, 0, 0, 300)), x)
+        assert np.array_equal(reader.read(WorkUnit.of(0, 0, 0, 300)), x)
 
 
 def test_denied_access_exits_2_naming_the_url_and_the_credentials(tmp_path):

@@ -20,7 +20,7 @@ from dist_sae.errors import CheckpointError, DataError
 from dist_sae.sae.model import load_model
 from dist_sae.train.optim import Trainer
 
-from util import config, make_dataset, random_rows, smooth_patches
+from util import config, global_rows, make_dataset, random_rows, smooth_patches
 
 
 def sigmoid_means(theta_model, x):
@@ -66,7 +66,7 @@ def test_minibatch_exact_uses_full_data_rho_hat_and_batch_mode_does_not(dataset)
     units, used_exact = seen_exact[0]
     np.testing.assert_allclose(used_exact, full, rtol=1e-12)  # the whole dataset's ρ̂
     units, used_batch = seen_batch[0]
-    rows = np.concatenate([x[u.shard * 64 + u.start : u.shard * 64 + u.stop] for u in units])
+    rows = np.concatenate([x[global_rows(u, [64] * -(-len(x) // 64))] for u in units])
     np.testing.assert_allclose(used_batch, sigmoid_means(model, rows), rtol=1e-12)  # this batch's only
     assert np.abs(used_batch - full).max() > 1e-3
     m_exact = exact.metrics(exact.last or _ev(exact), 1.0, 1)

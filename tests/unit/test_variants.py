@@ -195,12 +195,12 @@ def test_auxk_works_with_minibatch_optimizers_and_resumes(tmp_path, data):
 
 def test_denoising_noise_does_not_depend_on_how_rows_are_cut(data):
     """The same rows get the same noise as one unit or as several (local vs Ray, any batch_parts)."""
-    from dist_sae.data.dataset import WorkUnit
+    from dist_sae.data.workunit import WorkUnit
 
     cfg = bind_dataset(config(data, model__hidden=[4], noise__kind="gaussian", noise__sigma=0.5), Dataset.open(data))
     runner = PassRunner(cfg, Dataset.open(data))
-    x = torch.from_numpy(runner.reader.read(WorkUnit(0, 1, 0, 30)))
-    whole = runner.corrupt(x, WorkUnit(0, 1, 0, 30))
-    pieces = torch.cat([runner.corrupt(x[a:b], WorkUnit(i + 7, 1, a, b)) for i, (a, b) in enumerate([(0, 4), (4, 17), (17, 30)])])
+    x = torch.from_numpy(runner.reader.read(WorkUnit.of(0, 1, 0, 30)))
+    whole = runner.corrupt(x, WorkUnit.of(0, 1, 0, 30))
+    pieces = torch.cat([runner.corrupt(x[a:b], WorkUnit.of(i + 7, 1, a, b)) for i, (a, b) in enumerate([(0, 4), (4, 17), (17, 30)])])
     assert torch.equal(whole, pieces)
     runner.close()
