@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -88,7 +87,6 @@ def prepare_demo_dir(out: Path, overwrite: bool) -> None:
 def demo_config(
     data: str | Path,
     run_dir: str | Path,
-    rows: int,
     steps: int = 400,
     local: bool = False,
     address: str | None = None,
@@ -96,19 +94,16 @@ def demo_config(
     quiet: bool = False,
     seed: int = 0,
 ) -> Config:
-    """The demo's config: the notes' settings, the engine, and work units sized to the workers.
+    """The demo's config: the notes' settings and the engine.
 
-    `--local` and Ray get the same blocks and one torch thread per process, so both paths compute
-    the same float64 sums in the same order: the same θ and J, bit for bit.
+    `--local` and Ray cut the data into the same units (the engine's default: 10,000 patches are 2
+    units of 5,000 rows, one per worker of 2) and use one torch thread per process, so both paths
+    compute the same float64 sums in the same order: the same θ and J, bit for bit.
     """
-    num = workers or os.cpu_count() or 1
-    # Two units per worker at least, so every worker streams part of each pass; the same for --local.
-    block_rows = max(256, -(-rows // (2 * num)))
     items = {
         **NOTES_SETTINGS,
         "optim.steps": steps,
         "data.path": str(data),
-        "data.block_rows": block_rows,
         "run.out": str(run_dir),
         "run.seed": seed,
         "run.quiet": quiet,
@@ -202,7 +197,7 @@ def run_demo(
         t_data = time.perf_counter()
         from dist_sae.api import train
 
-        cfg = demo_config(dataset.path, out / RUN_DIR, dataset.rows, steps, local, address, workers, quiet, seed)
+        cfg = demo_config(dataset.path, out / RUN_DIR, steps, local, address, workers, quiet, seed)
         result = train(cfg, overwrite=True, fast_stop=fast_stop)
     finally:
         if connected:  # after SIGTERM within the grace period: the fast stop, as api.train's

@@ -89,9 +89,9 @@ class RemoteStepper:
     def step(self) -> dict[str, Any]:
         return self._run(self._server.step.remote(), "a training step")
 
-    def steps(self, n: int) -> list[dict[str, Any]]:
-        """Up to `n` steps in one round trip (the minibatch loop's way: a round trip costs more than a step)."""
-        return self._run(self._server.steps.remote(n), "training steps")
+    def steps(self, n: int, budget_s: float | None = None) -> list[dict[str, Any]]:
+        """Up to `n` steps, within `budget_s`, in one round trip (the loop's way: a round trip costs more than a small step)."""
+        return self._run(self._server.steps.remote(n, budget_s), "training steps")
 
     def _run(self, ref: Any, what: str) -> Any:
         """The result of a step call: the pass bars drawn while it runs, the step abandoned on

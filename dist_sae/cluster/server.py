@@ -83,10 +83,10 @@ class ParameterServer:
         "control" concurrency group while step() runs. Later steps fail too: the run is stopping."""
         self.evaluator.abandon.set()
 
-    def steps(self, n: int) -> tuple[list[dict[str, Any]], bool, list[str]]:
-        """Up to `n` optimizer steps in one call: (their metrics, converged, worker-failure lines). See AtomicStepper.steps."""
+    def steps(self, n: int, budget_s: float | None = None) -> tuple[list[dict[str, Any]], bool, list[str]]:
+        """Up to `n` optimizer steps in one call, within `budget_s`: (their metrics, converged, worker-failure lines). See AtomicStepper.steps."""
         torch.set_num_threads(self.threads)  # this call's thread (see __init__)
-        done = self.stepper.steps(n)
+        done = self.stepper.steps(n, budget_s)
         return done, self.stepper.converged, self.take_notes()
 
     def converged(self) -> bool:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -227,14 +228,16 @@ class AtomicStepper:
             self.trainer.load_state_dict(before)
             raise
 
-    def steps(self, n: int) -> list[dict[str, Any]]:
-        """Up to `n` steps (fewer once converged) and their metrics, in one call (one round trip
-        when the trainer is remote). A step that fails after some completed ones is rolled back
-        and its error raised by the next call, so the completed steps' metrics are kept."""
+    def steps(self, n: int, budget_s: float | None = None) -> list[dict[str, Any]]:
+        """Up to `n` steps (fewer once converged, or once `budget_s` seconds have passed after a
+        step) and their metrics, in one call (one round trip when the trainer is remote). A step
+        that fails after some completed ones is rolled back and its error raised by the next call,
+        so the completed steps' metrics are kept."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         done: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
         for _ in range(n):
             if self.converged:
                 break
@@ -244,6 +247,8 @@ class AtomicStepper:
                 if not done:
                     raise
                 self._error = exc
+                break
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
                 break
         return done
 
