@@ -178,3 +178,22 @@ def test_numpy_peer_runs_as_its_own_process(tmp_path):
     assert result["J"] < numpy_cost(theta0, x, 64, 25, 1e-4, 3.0, 0.01)[0]
     assert 1 <= result["iterations"] <= 5 and result["wall_s"] > 0
     assert result["torch_imported"] is False
+
+
+def test_float64_sums_of_float32_blocks_in_chunks_equal_the_whole_block_sums():
+    from dist_sae.sae.sums import SUM_CHUNK, column_sums64, data_block_sums, layer_sums
+
+    x = torch.from_numpy(random_rows(1000, 300, seed=9, low=-1.0, high=3.0)).float()
+    assert SUM_CHUNK // 300 < 1000  # more than one chunk
+    col, sq = column_sums64(x, squares=True)
+    x64 = x.double()
+    np.testing.assert_allclose(col.numpy(), x64.sum(0).numpy(), rtol=1e-15, atol=1e-12)
+    assert col.dtype == torch.float64 and float(sq) == pytest.approx(float((x64 * x64).sum()), rel=1e-13)  # float64 rounding
+    assert torch.equal(column_sums64(x64)[0], x64.sum(0))  # float64 blocks are summed as they are
+    assert column_sums64(x[:0], squares=True)[0].tolist() == [0.0] * 300
+    sums = data_block_sums(x)
+    assert sums["sum_x"].dtype == np.float64 and sums["sum_x2"] == pytest.approx(float(sq), rel=1e-15)
+    a = torch.rand(1000, 300, generator=torch.Generator().manual_seed(1))
+    act, fired = layer_sums([a], "sigmoid")
+    np.testing.assert_allclose(act, a.double().sum(0).numpy(), rtol=1e-15)
+    assert np.array_equal(fired, (a > 0.5).sum(0).double().numpy())  # exact counts from a float32 mask
