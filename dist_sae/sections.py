@@ -166,7 +166,7 @@ class DataConfig(Section):
     block_rows: int = Field(default=16384, ge=1)
     """Rows per work unit: memory per worker is bounded by this, not by shard or dataset size."""
     taper: bool = True
-    """Cut the last three units of a pass into halves, quarters and eighths (of at least 4096 rows), so that no worker's last unit holds the pass; the cut depends on the data only, so results stay bit-identical for any workers."""
+    """Cut the last three units of a pass into halves, quarters and eighths (of at least 4096 rows, less up to one HDF5 chunk where cut on chunks), so that no worker's last unit holds the pass; the cut depends on the data only, so results stay bit-identical for any workers."""
     prefetch: int = Field(default=2, ge=0)
     """Blocks read ahead in a background thread while the current one is computed, by the single-process engine (--local) on one lane (compute.lanes); 0 reads inline. On several lanes each reads its own unit while the others compute. Ray workers read one unit ahead by having two units in flight."""
     cache_mb: int = Field(default=512, ge=0)

@@ -36,7 +36,9 @@ def ray_sums_fn(dataset: Dataset, block_rows: int, address: str | None = None, m
     """
     connect(WorkersConfig(address=address), dashboard=False)
     remote = ray.remote(num_cpus=1)(unit_partial_sums)
-    units = dataset.units(block_rows, align=False)
+    # Each shard cut alone, as DatasetSource.range_blocks streams it: the same blocks, so the same sums
+    # as a build or transform without Ray.
+    units = dataset.units(block_rows, align=False, pack=False)
     folder = dataset.url or str(dataset.path.resolve())
 
     def run(kind: str, center, pre: Transform) -> dict:

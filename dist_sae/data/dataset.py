@@ -211,10 +211,10 @@ class Dataset:
             chunks = f[DATASET_KEY].chunks
         return chunks[0] if chunks else 1
 
-    def units(self, block_rows: int, align: bool = True, min_units: int = 0, taper: bool = False) -> list[WorkUnit]:
+    def units(self, block_rows: int, align: bool = True, min_units: int = 0, taper: bool = False, pack: bool = True) -> list[WorkUnit]:
         """The dataset's work units (workunit.cut_units): blocks of at most `block_rows` rows, small
-        shards packed together; with align, cut on whole HDF5 chunks."""
-        return cut_units([info.rows for info in self.shards], block_rows, self.chunk_rows() if align else 1, min_units, taper)
+        shards packed together (unless pack=False); with align, cut on whole HDF5 chunks."""
+        return cut_units([info.rows for info in self.shards], block_rows, self.chunk_rows() if align else 1, min_units, taper, pack)
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class WorkUnit:
         return f"unit {self.id} (" + ", ".join(f"shard {s} rows {a}:{b}" for s, a, b in self.spans) + ")"
 
 
-def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units: int = 0, taper: bool = False) -> list[WorkUnit]:
+def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units: int = 0, taper: bool = False,
+              pack: bool = True) -> list[WorkUnit]:
     """Work units of shards of `shard_rows` rows, numbered in shard-then-row order.
 
     Each shard is cut into pieces of at most `block_rows` rows, rounded down to a whole number of
@@ -81,7 +82,8 @@ def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units:
     or two units, not ten). With min_units, a dataset too small to make that many units is cut
     into up to min_units equal blocks of its rows (shards concatenated) of at least MIN_UNIT_ROWS
     rows instead, not chunk-aligned, so that every worker of a pass gets work. With taper, units
-    are cut smaller toward the pass's end (taper_units).
+    are cut smaller toward the pass's end (taper_units). pack=False keeps every piece a unit of
+    its own (what the data builders' streamed blocks are, whose statistics must match these).
     """
     if chunk > 1 and block_rows >= chunk:
         block_rows -= block_rows % chunk
@@ -90,7 +92,7 @@ def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units:
     for shard, size in enumerate(shard_rows):
         for start in range(0, size, block_rows):
             piece = Span(shard, start, min(start + block_rows, size))
-            if units and rows + piece.stop - start <= block_rows:
+            if pack and units and rows + piece.stop - start <= block_rows:
                 units[-1] = WorkUnit(units[-1].id, units[-1].spans + (piece,))
                 rows += piece.stop - start
             else:
@@ -111,7 +113,7 @@ def taper_units(units: list[WorkUnit], min_rows: int = MIN_UNIT_ROWS, chunk: int
 
     A unit starting in the first half of the pass's rows stays whole; one starting in the next
     quarter is cut in 2, the next eighth in 4, the rest in 8 (TAPER), never into pieces under
-    `min_rows` rows; piece boundaries fall on multiples of `chunk` rows of their shard where a piece
+    `min_rows` rows (less up to one chunk, where a boundary moves down onto one); piece boundaries fall on multiples of `chunk` rows of their shard where a piece
     spans chunks. So a pass holds large units for fast workers at its front (taken lowest id first)
     and small ones at its back, which slow workers take (cluster.dispatch): the units left when the
     pass ends are small, whoever holds them.

@@ -232,7 +232,8 @@ class AtomicStepper:
         """Up to `n` steps (fewer once converged, or once `budget_s` seconds have passed after a
         step) and their metrics, in one call (one round trip when the trainer is remote). A step
         that fails after some completed ones is rolled back and its error raised by the next call,
-        so the completed steps' metrics are kept."""
+        so the completed steps' metrics are kept; so is one stopped by Ctrl-C or SIGTERM (the
+        training loop then checkpoints the completed steps and stops, and raises nothing more)."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -243,7 +244,7 @@ class AtomicStepper:
                 break
             try:
                 done.append(self.step())
-            except Exception as exc:  # not KeyboardInterrupt: a stop request ends the call at once
+            except BaseException as exc:  # KeyboardInterrupt and Terminated too: the completed steps stand
                 if not done:
                     raise
                 self._error = exc

@@ -3,7 +3,7 @@
 Why: the single-process engine computes small units on one torch thread (train/units.py says why
 intra-op threads lose there), which leaves the other cores idle. Torch releases the GIL inside
 each operation, so two threads that each run whole units keep two cores busy: on the notes'
-exercise (10 units of 1,024 rows, 64-25-64, float64) an exact evaluation took 11.2 ms on two
+exercise (64-25-64, float64, then cut into 10 units of 1,024 rows) an exact evaluation took 11.2 ms on two
 lanes against 15.4 ms on one, on a 2-core machine (the units' compute alone: 8.2-9.0 against
 13.2-14.2 ms); float32 gains little (7.3-9.3 against 8.6-10.1 ms), its units being short enough
 for the Python between operations to dominate.

@@ -54,6 +54,10 @@ def test_ray_statistics_equal_local_bit_for_bit(sharded, tmp_path, ray_session):
     remote = prep.transform_dataset(ds.path, tmp_path / "ray", [StepSpec("standardize"), StepSpec("zca", 0.1)], prep.WriterOptions(block_rows=256), stats=ray_sums_fn)
     np.testing.assert_array_equal(read_all(local.path), read_all(remote.path))
     assert local.fingerprint == remote.fingerprint
+    # Blocks larger than the 700-row shards: each shard is still a block of its own on both paths.
+    steps, wide = [StepSpec("standardize"), StepSpec("zca", 0.1)], prep.WriterOptions(block_rows=4096)
+    assert prep.transform_dataset(ds.path, tmp_path / "local_wide", steps, wide).fingerprint == prep.transform_dataset(
+        ds.path, tmp_path / "ray_wide", steps, wide, stats=ray_sums_fn).fingerprint
     # a build with --ray stages the raw rows, runs the passes on Ray, and leaves no staging folder
     built = prep.build_from_npy(tmp_path / "x.npy", tmp_path / "built", preprocessing=[StepSpec("zca", 0.0)], stats=ray_sums_fn, options=prep.WriterOptions(shard_rows=700))
     np.testing.assert_allclose(read_all(built.path), numpy_zca(x, 0.0), atol=1e-10)

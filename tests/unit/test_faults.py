@@ -279,3 +279,34 @@ def test_sigterm_between_steps_stops_after_the_step_with_its_checkpoint(tmp_path
         session.close()
     step = int(latest_checkpoint(tmp_path / "run")[0]["meta"]["step"])
     assert f"after step {step}:" in str(stopped.value) and 1 <= step <= 32  # the first run's last step, long before 200
+
+
+def test_sigterm_inside_a_run_of_steps_keeps_the_completed_ones(tmp_path):
+    """SIGTERM in the 4th step of a run (steps come several to a call): steps 1-3 keep their metrics
+    lines and the checkpoint, the 4th is rolled back, and the message names step 3."""
+    from dist_sae.errors import Terminated
+    from dist_sae.train.loop import _loop
+
+    make_dataset(tmp_path / "d", smooth_patches(200, seed=3), shard_rows=100)
+    ds = Dataset.open(tmp_path / "d")
+    cfg = bind_dataset(config(tmp_path / "d", optim__steps=30, run__checkpoint_every=0, run__out=str(tmp_path / "run")), ds)
+    (tmp_path / "run").mkdir()
+    session = LocalSession(cfg, ds)
+    try:
+        stepper = session.stepper(initial_theta(cfg, None))
+        step, calls = stepper.trainer.step, []
+
+        def step_with_sigterm():  # the signal arrives while the 4th step runs (a fault injected here)
+            calls.append(1)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step()
+
+        stepper.trainer.step = step_with_sigterm
+        with pytest.raises(Terminated, match="stopped on SIGTERM after step 3: checkpoint"):
+            _loop(cfg, ds, tmp_path / "run", stepper)
+    finally:
+        session.close()
+    assert int(latest_checkpoint(tmp_path / "run")[0]["meta"]["step"]) == 3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]

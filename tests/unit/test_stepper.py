@@ -18,6 +18,7 @@ class Counter:
 
     def __init__(self, sleep_s: float = 0.0, converge_at: int | None = None, fail: tuple[int, ...] = ()) -> None:
         self.count, self.sleep_s, self.converge_at, self.fail = 0, sleep_s, converge_at, fail
+        self.step_error: type[BaseException] = RuntimeError
 
     @property
     def converged(self) -> bool:
@@ -27,7 +28,7 @@ class Counter:
         self.count += 1
         time.sleep(self.sleep_s)
         if self.count in self.fail:
-            raise RuntimeError(f"step {self.count} failed")
+            raise self.step_error(f"step {self.count} failed")
         return {"step": self.count}
 
     def state_dict(self):
@@ -40,10 +41,25 @@ class Counter:
 def test_a_run_ends_at_n_steps_at_the_budget_or_at_convergence():
     assert [m["step"] for m in AtomicStepper(Counter()).steps(5)] == [1, 2, 3, 4, 5]
     assert len(AtomicStepper(Counter()).steps(5, budget_s=10.0)) == 5
-    # Steps of 50 ms within 0.12 s: the run ends after the step that passes the budget (the third).
-    assert [m["step"] for m in AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.12)] == [1, 2, 3]
+    # Steps of 50 ms within 0.12 s: the run ends after the step that passes the budget (the third,
+    # or the second where the machine's sleeps overshoot by 20 ms), never later.
+    assert len(AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.12)) in (2, 3)
     assert len(AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.0)) == 1  # always at least one step
     assert [m["step"] for m in AtomicStepper(Counter(converge_at=2)).steps(32, budget_s=1.0)] == [1, 2]
+
+
+def test_a_stop_inside_a_run_keeps_the_steps_before_it():
+    trainer = Counter(fail=(3,))
+    trainer.step_error = KeyboardInterrupt  # Ctrl-C (or SIGTERM's Terminated) inside step 3
+    stepper = AtomicStepper(trainer)
+    assert [m["step"] for m in stepper.steps(5, budget_s=1.0)] == [1, 2] and trainer.count == 2
+    with pytest.raises(KeyboardInterrupt):
+        stepper.steps(5)
+    first = Counter(fail=(1,))
+    first.step_error = KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # nothing completed in this run: raised at once
+        AtomicStepper(first).steps(5)
+    assert first.count == 0
 
 
 def test_a_failing_step_in_a_run_keeps_the_steps_before_it_and_is_raised_next():
@@ -71,6 +87,6 @@ def test_full_batch_training_asks_for_steps_in_runs(tmp_path, monkeypatch):
     result = train(cfg)
     assert result.steps == 40 and sum(calls) == 40
     # Small L-BFGS steps go several to a call, never past a checkpoint (25) or STEP_RUN.
-    assert len(calls) < 40 and max(calls) <= STEP_RUN and calls[0] > 1 and 25 in itertools.accumulate(calls)
+    assert len(calls) < 40 and max(calls) <= STEP_RUN and 25 in itertools.accumulate(calls)
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 40  # every step's metrics line, though steps came in runs
