@@ -258,17 +258,22 @@ def test_resume_truncates_metrics_after_the_checkpoint_and_a_line_cut_short(tmp_
     assert truncate_metrics(path, 3) == 0 and truncate_metrics(tmp_path / "none.jsonl", 3) == 0
 
 
+def _loop_setup(tmp_path, steps: int):
+    """(dataset, config, local session) of a small L-BFGS run into tmp_path/run, for driving train.loop._loop."""
+    make_dataset(tmp_path / "d", smooth_patches(200, seed=3), shard_rows=100)
+    ds = Dataset.open(tmp_path / "d")
+    cfg = bind_dataset(config(tmp_path / "d", optim__steps=steps, run__checkpoint_every=0, run__out=str(tmp_path / "run")), ds)
+    (tmp_path / "run").mkdir()
+    return ds, cfg, LocalSession(cfg, ds)
+
+
 def test_sigterm_between_steps_stops_after_the_step_with_its_checkpoint(tmp_path):
     """SIGTERM while the loop writes a step's metrics (no step in flight) is noted, not raised there:
     the loop checkpoints the step just done and stops, with the message that says so."""
     from dist_sae.errors import Terminated
     from dist_sae.train.loop import _loop
 
-    make_dataset(tmp_path / "d", smooth_patches(200, seed=3), shard_rows=100)
-    ds = Dataset.open(tmp_path / "d")
-    cfg = bind_dataset(config(tmp_path / "d", optim__steps=200, run__checkpoint_every=0, run__out=str(tmp_path / "run")), ds)
-    (tmp_path / "run").mkdir()
-    session = LocalSession(cfg, ds)
+    ds, cfg, session = _loop_setup(tmp_path, steps=200)
     try:
         stepper = session.stepper(initial_theta(cfg, None))
         # first_step runs after the first call's steps (a run: STEP_RUN, RUN_S) have succeeded,
@@ -287,11 +292,7 @@ def test_sigterm_inside_a_run_of_steps_keeps_the_completed_ones(tmp_path):
     from dist_sae.errors import Terminated
     from dist_sae.train.loop import _loop
 
-    make_dataset(tmp_path / "d", smooth_patches(200, seed=3), shard_rows=100)
-    ds = Dataset.open(tmp_path / "d")
-    cfg = bind_dataset(config(tmp_path / "d", optim__steps=30, run__checkpoint_every=0, run__out=str(tmp_path / "run")), ds)
-    (tmp_path / "run").mkdir()
-    session = LocalSession(cfg, ds)
+    ds, cfg, session = _loop_setup(tmp_path, steps=30)
     try:
         stepper = session.stepper(initial_theta(cfg, None))
         step, calls = stepper.trainer.step, []
