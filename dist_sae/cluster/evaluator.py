@@ -119,7 +119,8 @@ class RayEvaluator(Recovery):
         Below INLINE_THETA_BYTES the store costs more than it saves: ray.put, then every worker asks
         the owner for the object before it can start (measured 1.5 ms of the server's 7.5 ms per
         minibatch step for the 64-25-64 model, 26 KB); Ray copies small arguments into the call itself.
-        Inline θ travels as bytes, which Ray serializes 30× faster than an ndarray (as units travel as WorkUnit.flat()).
+        Inline θ travels as bytes, which Ray serializes 30× faster than an ndarray (units, likewise,
+        travel as tuples of ints: WorkUnit.flat()).
         """
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         digest = hashlib.sha1(theta.tobytes()).digest()

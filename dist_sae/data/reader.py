@@ -78,18 +78,14 @@ class BlockReader:
             if len(unit.spans) == 1 and not usable:
                 block = self._rows(unit.spans[0])
             else:
-                block, at = out[:rows] if usable else np.empty((rows, self.dataset.dim), dtype), 0
-                for span in unit.spans:
-                    self._rows(span, block[at : at + span.stop - span.start])
-                    at += span.stop - span.start
+                block = out[:rows] if usable else np.empty((rows, self.dataset.dim), dtype)
+                for span, at in unit.parts():
+                    self._rows(span, block[at : at + span.rows])
         # A float64 sum is finite when every value is (it cannot overflow for float32 rows), and needs
         # no (B, n) temporary; only a non-finite sum (or a float64 overflow) takes the element check.
         if self.check_finite and not np.isfinite(block.sum(dtype=np.float64)) and not np.isfinite(block).all():
-            at = 0  # names the first span with bad rows
-            for span in unit.spans:
-                part = block[at : at + span.stop - span.start]
-                at += part.shape[0]
-                bad = np.flatnonzero(~np.isfinite(part).all(axis=1))
+            for span, at in unit.parts():  # names the first span with bad rows
+                bad = np.flatnonzero(~np.isfinite(block[at : at + span.rows]).all(axis=1))
                 if bad.size:
                     raise DataError(
                         f"shard {self.dataset.shard_path(span.shard)}: non-finite values (NaN/Inf) in rows "

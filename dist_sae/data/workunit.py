@@ -7,6 +7,7 @@ kind of workers, so results stay bit-identical for any worker count (SPEC: reduc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,6 +28,10 @@ class Span(NamedTuple):
     start: int
     stop: int
 
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -46,7 +51,14 @@ class WorkUnit:
 
     @property
     def rows(self) -> int:
-        return sum(stop - start for _, start, stop in self.spans)
+        return sum(span.rows for span in self.spans)
+
+    def parts(self) -> Iterator[tuple[Span, int]]:
+        """Each span with the offset of its first row within the unit."""
+        at = 0
+        for span in self.spans:
+            yield span, at
+            at += span.rows
 
     def flat(self) -> tuple[int, ...]:
         """(id, shard, start, stop, shard, start, stop, ...): Ray serializes a tuple of ints in half
@@ -59,16 +71,12 @@ class WorkUnit:
 
     def slice(self, lo: int, hi: int) -> tuple[Span, ...]:
         """The spans of the unit's rows [lo, hi) (offsets within the unit)."""
-        out, offset = [], 0
-        for shard, start, stop in self.spans:
-            a, b = max(lo - offset, 0), min(hi - offset, stop - start)
+        out = []
+        for span, at in self.parts():
+            a, b = max(lo - at, 0), min(hi - at, span.rows)
             if a < b:
-                out.append(Span(shard, start + a, start + b))
-            offset += stop - start
+                out.append(Span(span.shard, span.start + a, span.start + b))
         return tuple(out)
-
-    def __str__(self) -> str:
-        return f"unit {self.id} (" + ", ".join(f"shard {s} rows {a}:{b}" for s, a, b in self.spans) + ")"
 
 
 def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units: int = 0, taper: bool = False,
@@ -88,16 +96,13 @@ def cut_units(shard_rows: list[int], block_rows: int, chunk: int = 1, min_units:
     if chunk > 1 and block_rows >= chunk:
         block_rows -= block_rows % chunk
     units: list[WorkUnit] = []
-    rows = 0  # of the last unit
     for shard, size in enumerate(shard_rows):
         for start in range(0, size, block_rows):
             piece = Span(shard, start, min(start + block_rows, size))
-            if pack and units and rows + piece.stop - start <= block_rows:
+            if pack and units and units[-1].rows + piece.rows <= block_rows:
                 units[-1] = WorkUnit(units[-1].id, units[-1].spans + (piece,))
-                rows += piece.stop - start
             else:
                 units.append(WorkUnit(len(units), (piece,)))
-                rows = piece.stop - start
     total = sum(shard_rows)
     wanted = min(min_units, total // MIN_UNIT_ROWS)
     if wanted > 1 and len(units) < wanted:
@@ -139,10 +144,8 @@ def taper_units(units: list[WorkUnit], min_rows: int = MIN_UNIT_ROWS, chunk: int
 def _aligned(unit: WorkUnit, offset: int, step: int) -> int:
     """`offset` (rows into the unit) moved down to the nearest multiple of `step` rows of its shard,
     not below the start of its span (spans of cut_units start on a chunk)."""
-    before = 0  # rows of the unit before this span
-    for _, start, stop in unit.spans:
-        if offset < before + stop - start:
-            row = start + offset - before
-            return before + max(row // step * step, start) - start
-        before += stop - start
+    for span, at in unit.parts():
+        if offset < at + span.rows:
+            row = span.start + offset - at
+            return at + max(row // step * step, span.start) - span.start
     return offset

@@ -272,7 +272,7 @@ class Trainer:
         evals_before = self.evaluations
         if self.cfg.optim.full_batch:
             before = self.theta.detach().clone()
-            self.optimizer.step(self._closure if isinstance(self.optimizer, LBFGS) else self._closure_setting_grad)
+            self.optimizer.step(self._closure if self.cfg.optim.method == "lbfgs" else self._closure_setting_grad)
             ev = self.last  # GD: at the θ the step started from
             if self.cfg.optim.method == "lbfgs":
                 # Log J at the new θ: the line search's last point (a cache hit), or without a line
