@@ -111,19 +111,22 @@ def test_kills_mid_pass_give_the_no_fault_bits(session, data, reference):
             rng = np.random.default_rng(100 + seed)
             victim = int(rng.integers(len(evaluator.workers)))
             ray.get([w.info.options(max_task_retries=-1).remote() for w in evaluator.workers])
-            failures = evaluator.failures
+            failures, notes = evaluator.failures, len(evaluator.notes)
             if how == "exit":
                 ray.get(evaluator.workers[victim].inject_fault.remote(int(rng.integers(0, 2)), "exit"))
             else:
                 handle = evaluator.workers[victim]
-                # Early in the pass (of 30 units, 16 in flight at first): the victim surely has units
-                # in flight, and a kill between its units is a restart nobody sees.
+                # The victim blocks inside its first unit of the pass (every worker gets units at first:
+                # 16 of 30 are in flight), so the kill early in the pass surely lands inside a unit;
+                # a kill between its units would be a restart nobody sees. Its restart clears the knob.
+                ray.get(handle.inject_fault.remote(0, "hang"))
                 evaluator.progress = at_unit(int(rng.integers(2, 10)), lambda: ray.kill(handle, no_restart=how == "kill-for-good"))
             try:
                 ev = problem.evaluate(theta)
             finally:
                 evaluator.progress = None
             assert evaluator.failures > failures, (mode, how)
+            assert not any("hung" in note for note in evaluator.notes[notes:]), (mode, how)  # the kill, not the timeout
             assert same(ev, ref), (mode, how)
 
 

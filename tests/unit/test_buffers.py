@@ -57,9 +57,12 @@ def test_streaming_reuses_a_bounded_set_of_buffers_however_many_units(tmp_path, 
         theta = initial_theta(cfg, None)
         try:
             results[cache_mb] = [problem.evaluate(theta), problem.evaluate(theta)]
-            made = problem.evaluator.buffers_made()
+            first = problem.evaluator.buffers_made()
             problem.evaluate(theta), problem.evaluate(theta)
-            assert problem.evaluator.buffers_made() == made  # no new buffer once the first passes ran
+            made = problem.evaluator.buffers_made()
+            if lanes == 1:  # one block in flight: no new buffer once the first passes ran
+                assert made == first
+            # With several lanes, how many blocks are lent at once depends on timing; the bound below holds however many.
         finally:
             problem.evaluator.close()
         if cache_mb == 0:
