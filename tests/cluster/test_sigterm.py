@@ -24,7 +24,7 @@ from dist_sae.cluster.head import stop_session_group
 from util import make_dataset, smooth_patches
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 30
+STEPS = 100  # SIGTERM comes after step 14: ~2 s of steps still to go
 ARGS = ["--quiet", "model.hidden=[8]", f"optim.steps={STEPS}", "run.checkpoint_every=7", "run.report=false", "data.block_rows=100",
         "optim.tolerance_change=0", "optim.tolerance_grad=0", "workers.num=2"]
 GRACE_S = 3.0  # Ray's RAY_JOB_STOP_WAIT_TIME_S default: SIGKILL follows SIGTERM after this

@@ -62,7 +62,7 @@ def test_a_failing_unit_stops_the_lanes_and_is_raised():
     def work(unit, ws):
         with lock:
             started.append(unit.id)
-        time.sleep(0.002)
+        time.sleep(0.02)  # the other two lanes need ~0.35 s to start all 40: unit 5 raises long before
         if unit.id == 5:
             raise ValueError("bad unit 5")
         return unit.id * 2

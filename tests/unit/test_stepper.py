@@ -41,9 +41,9 @@ class Counter:
 def test_a_run_ends_at_n_steps_at_the_budget_or_at_convergence():
     assert [m["step"] for m in AtomicStepper(Counter()).steps(5)] == [1, 2, 3, 4, 5]
     assert len(AtomicStepper(Counter()).steps(5, budget_s=10.0)) == 5
-    # Steps of 50 ms within 0.12 s: the run ends after the step that passes the budget (the third,
-    # or the second where the machine's sleeps overshoot by 20 ms), never later.
-    assert len(AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.12)) in (2, 3)
+    # Steps of at least 50 ms within 0.12 s: the run ends after the step that passes the budget, the
+    # third at the latest (a stalled machine passes it sooner), never later and never all 32.
+    assert 1 <= len(AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.12)) <= 3
     assert len(AtomicStepper(Counter(sleep_s=0.05)).steps(32, budget_s=0.0)) == 1  # always at least one step
     assert [m["step"] for m in AtomicStepper(Counter(converge_at=2)).steps(32, budget_s=1.0)] == [1, 2]
 
