@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NamedTuple
 
 # Passes cut a small dataset into up to this many units, so that several workers get work, but never
@@ -118,10 +119,11 @@ def taper_units(units: list[WorkUnit], min_rows: int = MIN_UNIT_ROWS, chunk: int
 
     A unit starting in the first half of the pass's rows stays whole; one starting in the next
     quarter is cut in 2, the next eighth in 4, the rest in 8 (TAPER), never into pieces under
-    `min_rows` rows (less up to one chunk, where a boundary moves down onto one); piece boundaries fall on multiples of `chunk` rows of their shard where a piece
-    spans chunks. So a pass holds large units for fast workers at its front (taken lowest id first)
-    and small ones at its back, which slow workers take (cluster.dispatch): the units left when the
-    pass ends are small, whoever holds them.
+    `min_rows` rows (less up to one chunk, where a boundary moves down onto one); piece boundaries
+    fall on multiples of `chunk` rows of their shard where a piece spans chunks. So a pass holds
+    large units for fast workers at its front (taken lowest id first) and small ones at its back,
+    which slow workers take (cluster.dispatch): the units left when the pass ends are small,
+    whoever holds them.
     """
     if len(units) < PASS_MIN_UNITS:
         return units
@@ -137,7 +139,7 @@ def taper_units(units: list[WorkUnit], min_rows: int = MIN_UNIT_ROWS, chunk: int
         size = unit.rows / parts
         step = chunk if size >= chunk else 1
         cuts = sorted({_aligned(unit, round(k * size), step) for k in range(parts)} | {unit.rows})
-        out.extend(WorkUnit(len(out), unit.slice(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:]))
+        out.extend(WorkUnit(len(out), unit.slice(lo, hi)) for lo, hi in pairwise(cuts))
     return out
 
 

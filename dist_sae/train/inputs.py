@@ -5,6 +5,7 @@ Also binds a config to its dataset (model.visible from the data's dimension afte
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import logging
@@ -92,14 +93,16 @@ def corruption_seed(seed: int, shard: int, chunk: int) -> int:
 
 
 
-def row_noise(kind: str, seed: int, shard: int, start: int, stop: int, dim: int) -> torch.Tensor:
-    """Standard-normal (gaussian) or uniform (mask) draws for rows [start, stop) of a shard, (rows, dim) float64."""
+def row_noise(kind: str, seed: int, spans: Iterable[tuple[int, int, int]], dim: int) -> torch.Tensor:
+    """Standard-normal (gaussian) or uniform (mask) draws for the rows of `spans` ((shard, start,
+    stop) each, a work unit's spans), one after another: (rows, dim) float64."""
     draw = torch.randn if kind == "gaussian" else torch.rand
     parts = []
-    for chunk in range(start // NOISE_CHUNK_ROWS, (stop - 1) // NOISE_CHUNK_ROWS + 1):
-        gen = torch.Generator().manual_seed(corruption_seed(seed, shard, chunk))
-        block = draw((NOISE_CHUNK_ROWS, dim), generator=gen, dtype=torch.float64)
-        lo = max(start - chunk * NOISE_CHUNK_ROWS, 0)
-        hi = min(stop - chunk * NOISE_CHUNK_ROWS, NOISE_CHUNK_ROWS)
-        parts.append(block[lo:hi])
+    for shard, start, stop in spans:
+        for chunk in range(start // NOISE_CHUNK_ROWS, (stop - 1) // NOISE_CHUNK_ROWS + 1):
+            gen = torch.Generator().manual_seed(corruption_seed(seed, shard, chunk))
+            block = draw((NOISE_CHUNK_ROWS, dim), generator=gen, dtype=torch.float64)
+            lo = max(start - chunk * NOISE_CHUNK_ROWS, 0)
+            hi = min(stop - chunk * NOISE_CHUNK_ROWS, NOISE_CHUNK_ROWS)
+            parts.append(block[lo:hi])
     return torch.cat(parts)

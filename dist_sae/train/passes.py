@@ -168,7 +168,7 @@ class PassRunner:
         """
         if self.noise.kind == "none":
             return None
-        draws = torch.cat([row_noise(self.noise.kind, self.seed, *span, x.shape[1]) for span in unit.spans])
+        draws = row_noise(self.noise.kind, self.seed, unit.spans, x.shape[1])
         if self.noise.kind == "gaussian":
             return x + (draws * self.noise.sigma).to(x.device, x.dtype)
         return x * (draws >= self.noise.p).to(x.device, x.dtype)

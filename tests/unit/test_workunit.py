@@ -90,7 +90,7 @@ def test_a_unit_of_several_shards_reads_as_their_rows_in_order(shards):
         assert got.base is buffer and got.shape == (40, 3)  # read into the caller's buffer
         np.testing.assert_array_equal(buffer[:40], np.concatenate([x[25:30], x[30:60], x[92:97]]))
         assert (buffer[40:] == -1).all()
-        whole = [u for u in ds.units(16384)]
+        whole = ds.units(16384)
         assert len(whole) == 1 and np.array_equal(reader.read(whole[0]), x)
 
 
