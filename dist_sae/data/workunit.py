@@ -2,7 +2,7 @@
 
 A unit is one or more consecutive spans (shard, row range); its `id` orders the reduction of
 partial sums. The cut depends only on the shards' sizes and the settings, never on the number or
-kind of workers, so results stay bit-identical for any worker count (SPEC: reduce by unit id).
+kind of workers, so results stay bit-identical for any worker count (partial sums are reduced in unit-id order).
 """
 
 from __future__ import annotations
