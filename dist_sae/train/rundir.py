@@ -9,7 +9,8 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise CheckpointError(
-                f"{run_dir} is in use by another run ({_lock_holder(os.fstat(fd))} holds {path}); "
-                "wait for it to end, or give another --out"
-            ) from None
+        holder = flock_or_holder(fd)
+        if holder is not None:
+            raise CheckpointError(f"{run_dir} is in use by another run ({holder} holds {path}); wait for it to end, or give another --out")
         try:
             yield
         except BaseException:
@@ -135,8 +130,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 
-def _lock_holder(st: os.stat_result) -> str:
-    """"PID n on host h" of the flock holder of a file, from /proc/locks (this host's lock table)."""
+def _lock_holder(st: os.stat_result) -> str | None:
+    """"PID n on host h" of the flock holder of a file, from /proc/locks (this host's lock table); None if it lists none."""
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
@@ -148,6 +143,29 @@ def _lock_holder(st: os.stat_result) -> str:
         major, minor, inode = parts[5].split(":")
         if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
             return f"PID {parts[4]} on host {socket.gethostname()}"
+    return None
+
+
+def flock_or_holder(fd: int, holder: Callable[[os.stat_result], str | None] = _lock_holder, tries: int = 3,
+                    wait_s: float = 0.05) -> str | None:
+    """Take an exclusive flock on `fd` and return None; or, when another process holds it, name the holder.
+
+    A holder that this host's lock table does not list has either just released the lock (a short
+    run ending between our refused flock and the lookup: seen in CI as two runs started together)
+    or runs on another host: the flock is tried again `tries` times, `wait_s` apart, before the
+    holder is called "a process on another host". holder: the lookup of a holder by file.
+    """
+    for _ in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        name = holder(os.fstat(fd))
+        if name is not None:
+            return name
+        time.sleep(wait_s)
     return "a process on another host"
 
 

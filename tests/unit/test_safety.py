@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from dist_sae.commands.main import main
 from dist_sae.sae.model import load_model
 from dist_sae.train import checkpoint
-from dist_sae.train.rundir import run_lock
+from dist_sae.train.rundir import flock_or_holder, run_lock
 
 from util import make_dataset, random_rows
 
@@ -221,6 +221,29 @@ def test_a_locked_run_dir_is_refused_naming_the_holder(good, tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert f"is in use by another run (PID {os.getpid()} on host {os.uname().nodename}" in done.stderr
     assert snapshot(run) == before
+
+
+def test_a_lock_whose_holder_ends_during_the_lookup_is_taken(tmp_path):
+    """A holder that /proc/locks no longer lists (its run just ended) is no reason to refuse: the flock
+    is tried again and taken. A holder still there is named; one never listed is on another host."""
+    import fcntl
+    import socket
+
+    path = tmp_path / ".lock"
+    path.touch()
+    held, mine, other = (os.open(path, os.O_RDONLY) for _ in range(3))
+    fcntl.flock(held, fcntl.LOCK_EX)
+
+    def ended(st):  # the holder's run ends while it is looked up: no holder is listed (None)
+        os.close(held)
+
+    try:
+        assert flock_or_holder(mine, holder=ended, wait_s=0) is None  # taken on the retry
+        assert flock_or_holder(other) == f"PID {os.getpid()} on host {socket.gethostname()}"
+        assert flock_or_holder(other, holder=lambda st: None, wait_s=0) == "a process on another host"
+    finally:
+        os.close(mine)
+        os.close(other)
 
 
 def test_two_runs_started_together_into_one_folder_one_runs(good, tmp_path):
