@@ -1,9 +1,12 @@
-"""Using learned features: hidden codes (or reconstructions) of a dataset, written as a new dataset.
+"""Using learned features: hidden codes (or reconstructions) of every row, written as a new dataset.
 
-The rows stream through the session's evaluator exactly like a training pass (`map_units`: the Ray
-workers, or this process with workers.engine=local) and come back in unit order, so the output
-rows are the input rows' codes in the same order. The output is an ordinary dataset folder
-(dataset.json + HDF5 shards), ready to train the next layer of a stack on, or for anything else.
+The workers that compute the rows write them (train/codes.py): output shard k holds input rows
+[k·S, (k+1)·S), computed by one worker (a Ray actor, or this process with --local) and stored
+straight into `<out>.partial/` (local or object storage) with a record of its size and SHA-256;
+the driver only plans and collects those records, so its memory does not grow with the rows. The
+output is the same dataset, row for row and bit for bit, for any number of workers, and equal to
+--local. dataset.json comes last. A stopped or killed encode run again with resume=True keeps
+every finished, verified shard and computes the rest (data/partial.py).
 
 The input is taken as it is stored when it records preprocessing of its own: a dataset built with
 preprocessing holds the transformed rows, which is what the model was trained on. New raw data that
@@ -13,34 +16,43 @@ as `evaluate` does). Reconstructions keep the transform of their input, so they 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dist_sae.session import open_session
+from dist_sae.data.build import DEFAULT_SHARD_BYTES, parse_size
 from dist_sae.data.dataset import Dataset
+from dist_sae.data.partial import PartialOutput
 from dist_sae.data.storage import is_url
-from dist_sae.data.writer import DatasetWriter
+from dist_sae.data.writer import manifest
+from dist_sae.train.codes import KINDS, CodeJob, plan_shards
 from dist_sae.train.inputs import bind_dataset, inherited_transform
-from dist_sae.errors import DataError, ModelError
+from dist_sae.errors import DataError, Interrupted, ModelError, Terminated
 from dist_sae.sae.model import load_model
 from dist_sae import progress
 
 log = logging.getLogger(__name__)
 
-KINDS = ("encode", "reconstruct")
+DTYPES = ("float16", "float32", "float64")
 
 
 @dataclass
 class EncodeResult:
-    dataset: Dataset  # the folder written
+    dataset: Dataset  # the dataset written
     rows: int
     seconds: float
+    computed: int = 0  # shards computed by this run
+    kept: int = 0  # finished shards of an earlier run kept by a resume
 
 
 def _transform_source(dataset: Dataset, cfg) -> Path | None:
@@ -49,6 +61,37 @@ def _transform_source(dataset: Dataset, cfg) -> Path | None:
     if cfg.data.transform:
         return Path(cfg.data.transform)
     return Path(dataset.path) if dataset.meta.get("transform") else None
+
+
+def out_shard_rows(dataset: Dataset, row_bytes: int, shard_rows: int | None, shard_bytes: int | str | None) -> int:
+    """Input rows per output shard: given, or from bytes per shard; by default the input's largest
+    shard, but no shard over DEFAULT_SHARD_BYTES (codes may be many times wider than the input)."""
+    if shard_rows is not None and shard_bytes is not None:
+        raise DataError("give only one of --shard-rows, --shard-size")
+    if shard_rows is not None:
+        if shard_rows < 1:
+            raise DataError(f"--shard-rows must be >= 1, got {shard_rows}")
+        return shard_rows
+    most = max(1, int(parse_size(shard_bytes) or DEFAULT_SHARD_BYTES) // row_bytes)
+    return most if shard_bytes is not None else min(most, max(s.rows for s in dataset.shards))
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (`ray job stop`, preemption) raises Terminated in the main thread while encoding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def transform_dataset(
@@ -63,44 +106,57 @@ def transform_dataset(
     dtype: str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
+    resume: bool = False,
+    top_k: int | None = None,
+    shard_rows: int | None = None,
+    shard_bytes: int | str | None = None,
+    compression: str | None = None,
+    chunk_rows: int = 1024,
+    on_shard: Callable[[int, int], object] | None = None,
 ) -> EncodeResult:
     """Write the codes (kind=encode) or reconstructions (kind=reconstruct) of every row of a dataset.
 
     Args:
         model: run directory or model.safetensors (with config.json beside it).
-        data: input dataset folder; its rows must have the model's input dimension.
-        out: the dataset folder to create.
+        data: input dataset folder or URL; its rows must have the model's input dimension.
+        out: the dataset to create: a folder, or an object-store URL (s3://bucket/prefix).
         kind: encode or reconstruct.
         layer: encoder layer (1-based) whose codes to write; default the innermost.
         local: run in this process (workers.engine=local) instead of the configured engine.
         address: Ray address to join.
         overrides: config overrides for the session (workers.num=4, data.block_rows=8192, ...).
-        dtype: stored dtype of the output; default that of the input.
-        overwrite: replace an existing `out`.
+        dtype: stored dtype of the output (float16, float32, float64); default that of the input.
+        overwrite: replace an existing `out`; also start over from an earlier run's `<out>.partial`.
         quiet: no progress bar.
+        resume: keep the finished, verified shards in `<out>.partial` and compute only the others.
+        top_k: encode only: store each row's K largest codes and their columns (the sparse layout).
+        shard_rows, shard_bytes: input rows per output shard, or bytes per output shard ("256MB");
+            default: the input's largest shard, at most 256 MB of output.
+        compression: HDF5 compression of the output ("gzip", "lzf") or None.
+        chunk_rows: HDF5 chunk height of the output.
+        on_shard: called with (shard index, rows) in this process as each shard is stored.
 
     Returns:
-        EncodeResult with the written dataset.
+        EncodeResult with the written dataset and the shards computed and kept.
 
     Raises:
-        ModelError, DataError, ConfigError naming the file or value at fault.
+        ModelError, DataError, ConfigError naming the file or value at fault; errors.Terminated
+        (SIGTERM) or errors.Interrupted (Ctrl-C) saying how to resume.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise DataError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_obj, cfg = load_model(model)
     if layer is not None and not 1 <= layer <= model_obj.num_encoder:
         raise ModelError(f"--layer {layer} is out of range: {model} has {model_obj.num_encoder} encoder layer(s) (model.hidden={model_obj.hidden})")
     dataset = Dataset.open(data)
-    if is_url(out):
-        raise DataError(f"--out {out}: encode writes a local dataset folder; upload it afterwards (object-storage output is for `dist-sae data build`)")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.resolve() == Path(dataset.path).resolve():
+    if not is_url(out) and Path(out).resolve() == Path(dataset.path).resolve() or str(out).rstrip("/") == dataset.url:
         raise DataError(f"--out {out} is the input dataset; write the output to another folder")
     training_data = cfg.data.path
     # Training noise does not belong in codes; new raw data gets the training data's preprocessing.
-    session_overrides = ["noise.kind=none", *inherited_transform(training_data, dataset), *(overrides or [])]
+    # One pass over the data: caching blocks in the workers would only hold memory.
+    session_overrides = ["noise.kind=none", "data.cache_mb=0", *inherited_transform(training_data, dataset), *(overrides or [])]
     if local:
         session_overrides.append("workers.engine=local")
     if address:
@@ -110,54 +166,94 @@ def transform_dataset(
     code_layer = layer or model_obj.num_encoder
     transform_dir = _transform_source(dataset, cfg)
     info: dict = {}
+    side_files: dict[str, Path] = {}
     if kind == "encode":
-        dim, sample_shape = model_obj.hidden[code_layer - 1], [model_obj.hidden[code_layer - 1]]
+        dim = model_obj.hidden[code_layer - 1]
+        sample_shape = [dim]
         info["preprocessing"] = []  # codes are a new space
     else:
+        if top_k is not None:
+            raise DataError("--top-k is for codes (encode), not reconstructions")
         # Reconstructions live where the model's inputs did: keep that transform so they can be inverted.
         dim = model_obj.visible
         sample_shape = list(dataset.sample_shape) if dim == dataset.dim else [dim]
         if transform_dir is not None:
-            manifest = json.loads((transform_dir / "dataset.json").read_text())
-            info["transform"] = manifest["transform"]
-            info["preprocessing"] = list(manifest.get("preprocessing", []))
+            meta = json.loads((transform_dir / "dataset.json").read_text())
+            info["transform"] = meta["transform"]
+            info["preprocessing"] = list(meta.get("preprocessing", []))
+            side_files[meta["transform"]["file"]] = transform_dir / meta["transform"]["file"]
         else:
             info["preprocessing"] = list(dataset.preprocessing)
-    # Rows keep their order; shards hold as many rows as the input's largest shard (so with uneven
-    # input shards, output shard boundaries need not match the input's).
-    shard_rows = max(s.rows for s in dataset.shards)
+    if top_k is not None:
+        if not 0 < top_k < dim:
+            raise DataError(f"--top-k must be between 1 and {dim - 1} (layer {code_layer} has {dim} units), got {top_k}")
+        info["layout"] = {"kind": "topk", "k": top_k, "values": "topk_values", "indices": "topk_indices"}
+    dtype = dtype or dataset.dtype
+    row_bytes = (top_k or dim) * (np.dtype(dtype).itemsize + (4 if top_k else 0))
+    rows_per_shard = out_shard_rows(dataset, row_bytes, shard_rows, shard_bytes)
+    plan = plan_shards([s.rows for s in dataset.shards], rows_per_shard, cfg.data.block_rows)
+    theta = model_obj.theta.detach().numpy().copy()
     info["source"] = {
         "kind": kind,
         "model": str(model),
-        "data": str(dataset.path),
+        "model_sha256": hashlib.sha256(theta.tobytes()).hexdigest(),
+        "data": dataset.location,
         "data_fingerprint": dataset.fingerprint,
         "layer": code_layer if kind == "encode" else None,
         "model_trained_on": training_data,
         "input_transform": str(cfg.data.transform) if cfg.data.transform else None,
     }
-    theta = model_obj.theta.detach().numpy().copy()
+    job_spec = {**info["source"], "dim": dim, "dtype": dtype, "top_k": top_k, "rows_per_shard": rows_per_shard,
+                "compression": compression, "chunk_rows": chunk_rows, "block_rows": cfg.data.block_rows}
+    job_spec.pop("model")
+    partial = PartialOutput(out, job_spec, resume=resume, overwrite=overwrite)
+    done = partial.start()
+    todo = {k: units for k, units in enumerate(plan) if k not in done}
+    kept = len(done)
+    job = CodeJob(kind, code_layer if kind == "encode" else None, dim, dtype, partial.folder, top_k, chunk_rows, compression)
     t0 = time.perf_counter()
+    if todo:
+        _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint=_resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides))
+    shards = [done[k] for k in range(len(plan))]
+    rows = sum(s.rows for s in shards)
+    if rows != dataset.rows:
+        raise DataError(f"{kind} wrote {rows} rows but {dataset.location} holds {dataset.rows}")
+    meta = manifest(dim, rows, dtype, sample_shape, max(1, min(chunk_rows, rows_per_shard)), shards, info)
+    written = partial.finish(meta, side_files)
+    return EncodeResult(written, rows, time.perf_counter() - t0, len(todo), kept)
+
+
+def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint) -> None:
+    """Run the session's workers over the shards to do; `done` gains each stored shard's ShardInfo."""
     session = open_session(cfg, dataset)
+    shards = len(done) + len(todo)
+    total = sum(u.rows for units in todo.values() for u in units)
+    bar = progress.bar(total, kind, quiet=quiet)
     try:
-        units = session.problem.units
-        bar = progress.bar(dataset.rows, kind, quiet=quiet)
-        with bar, DatasetWriter(
-            out, dim, shard_rows=shard_rows, dtype=dtype or dataset.dtype, sample_shape=sample_shape,
-            chunk_rows=min(1024, shard_rows), overwrite=overwrite, info=info,
-        ) as writer:
-            for unit, rows in session.problem.evaluator.map_units(kind, theta, units, code_layer if kind == "encode" else None):
-                rows = np.asarray(rows)
-                if rows.shape != (unit.rows, dim):
-                    raise DataError(f"work unit {unit.id} of {dataset.path} gave {rows.shape} outputs, expected ({unit.rows}, {dim})")
-                writer.write(rows)
-                bar.update(unit.rows)
-            if "transform" in info:  # the file the copied manifest entry names, beside the new shards
-                shutil.copy2(transform_dir / info["transform"]["file"], writer.tmp / info["transform"]["file"])
-            if writer.rows != dataset.rows:  # checked before the writer moves the folder into place
-                raise DataError(f"{kind} wrote {writer.rows} rows but {dataset.path} holds {dataset.rows}")
-    finally:
+        with bar, _stop_on_sigterm():
+            for k, shard in session.problem.evaluator.write_shards(job, todo, theta):
+                done[k] = shard
+                bar.update(shard.rows)
+                if on_shard is not None:
+                    on_shard(k, shard.rows)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated from SIGTERM
+        where = f"{len(done)} of {shards} shards are finished in {partial.folder}"
+        stop = type(exc) if isinstance(exc, Terminated) else Interrupted
+        session.close(fast=stop is Terminated)
+        raise stop(f"{kind} stopped on {'SIGTERM' if stop is Terminated else 'Ctrl-C'}: {where}; resume with: {resume_hint}") from None
+    except BaseException:
         session.close()
-    return EncodeResult(writer.dataset, writer.rows, time.perf_counter() - t0)
+        raise
+    session.close()
+
+
+def _resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides) -> str:
+    """The command that continues this encode (the same settings, --resume)."""
+    parts = [f"dist-sae {kind} --model {model} --data {data} --out {out}"]
+    parts += [f"--layer {layer}"] * (layer is not None) + [f"--dtype {dtype}", f"--shard-rows {rows_per_shard}"]
+    parts += [f"--top-k {top_k}"] * (top_k is not None) + [f"--compression {compression}"] * (compression is not None)
+    parts += ["--local"] * local + [f"--address {address}"] * (address is not None)
+    return " ".join(parts + ["--resume", *(overrides or [])])
 
 
 def encode_dataset(model, data, out, layer: int | None = None, **kwargs) -> EncodeResult:

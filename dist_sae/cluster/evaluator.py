@@ -28,8 +28,9 @@ import numpy as np
 import ray
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import Dataset
+from dist_sae.data.dataset import Dataset, ShardInfo
 from dist_sae.data.workunit import MIN_UNIT_ROWS, WorkUnit
+from dist_sae.train.codes import CodeJob
 from dist_sae.train.passes import PASS_KINDS
 from dist_sae.train.units import pass_units
 from dist_sae.errors import StorageError, TrainingError
@@ -352,34 +353,20 @@ class RayEvaluator(Recovery):
                     consume(call, result, None)
         raise TrainingError(f"{kind}: the reduction failed more than workers.max_restarts={self.cfg.workers.max_restarts} times")
 
-    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None) -> Iterator[tuple[WorkUnit, np.ndarray]]:
-        """Yield (unit, per-row output) in unit order for kind `encode` or `reconstruct`.
-
-        At most a few units per worker run ahead of the one to be yielded next, so memory stays
-        bounded however slow the consumer is.
-        """
-        if kind not in ("encode", "reconstruct"):
-            raise ValueError(f"unknown transform {kind!r}")
+    def write_shards(self, job: CodeJob, shards: dict[int, tuple[WorkUnit, ...]], theta: np.ndarray) -> Iterator[tuple[int, ShardInfo]]:
+        """Compute and store output shards on the workers (train/codes.py), each shard one call, handed
+        out on demand; yield (index, ShardInfo) as each is stored. Only names, row counts and hashes
+        come back: the rows go from the worker to the output. A shard whose worker fails is written
+        again by another (its attempt's scratch file is discarded), so the output is unchanged."""
         theta_key, theta_ref = self._put_theta(theta)
-        order = sorted(units, key=lambda u: u.id)
-        window = 2 * self.depth * len(self.workers)
-        done: dict[int, np.ndarray] = {}
-        position = 0  # index in `order` of the next unit to yield
-
-        def bound() -> int | None:
-            return order[position + window].id if position + window < len(order) else None
+        calls = [shards[k] for k in sorted(shards)]
+        index = {call[0].id: k for k, call in zip(sorted(shards), calls)}
 
         def submit(w, call):
-            return self.workers[w].transform.remote(kind, call[0].flat(), theta_key, theta_ref, layer)
+            return self.workers[w].write_codes.remote(job, index[call[0].id], [u.flat() for u in call], theta_key, theta_ref)
 
-        for (unit,), (got_id, out) in self._results([(u,) for u in order], submit, bound):
-            if got_id != unit.id:
-                raise TrainingError(f"worker returned unit {got_id} for unit {unit.id}")
-            done[got_id] = out
-            while position < len(order) and order[position].id in done:
-                next_unit = order[position]
-                position += 1
-                yield next_unit, done.pop(next_unit.id)
+        for call, info in self._results(calls, submit):
+            yield index[call[0].id], ShardInfo(**info)
 
     def close(self) -> None:
         """Kill the reducer actors; the session owns (and kills) the worker actors."""

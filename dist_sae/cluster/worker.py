@@ -9,6 +9,7 @@ whatever device the worker computes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ import torch
 
 from dist_sae.config import from_dict
 from dist_sae.data.workunit import WorkUnit
+from dist_sae.train.codes import CodeJob, write_code_shard
 from dist_sae.train.passes import PassRunner
 from dist_sae.train.inputs import resolve_device
 from dist_sae.sae.sums import Sums, fold
@@ -202,19 +204,23 @@ class Worker:
         uid, sums, stats = self.run(kind, unit, *context)
         return (uid, {**stats, "node": self._node}), sums
 
-    def transform(self, kind: str, unit: tuple[int, ...], theta_key: object, theta: np.ndarray | bytes,
-                  layer: int | None = None) -> tuple[int, np.ndarray]:
-        """Per-row outputs of one unit (WorkUnit.flat()): `encode` codes of encoder `layer` or `reconstruct` outputs (CPU numpy)."""
-        unit = WorkUnit.from_flat(unit)
-        block = self.runner.load(unit)
-        with self._compute:
-            self._maybe_fail()
-            self._set_theta(theta, theta_key)
-            out = self.runner.transform(kind, block, layer)
-            if self.delay_s:
-                time.sleep(self.delay_s)
-        self.runner.release(block)
-        return unit.id, out
+    def write_codes(self, job: CodeJob, shard: int, units: list[tuple[int, ...]], theta_key: object,
+                    theta: np.ndarray | bytes) -> dict[str, Any]:
+        """Compute output shard `shard` from its units (WorkUnit.flat()) and store it in job.folder
+        (train/codes.py); its ShardInfo as a dict. Only the compute holds the lock: the other call
+        reads (and writes its shard) meanwhile."""
+
+        def compute(block):
+            with self._compute:
+                self._maybe_fail()
+                self._set_theta(theta, theta_key)
+                out = self.runner.transform(job.kind, block, job.layer)
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+            return out
+
+        info = write_code_shard(self.runner, job, shard, [WorkUnit.from_flat(u) for u in units], compute)
+        return dataclasses.asdict(info)
 
     def close(self) -> None:
         self.runner.close()

@@ -16,7 +16,7 @@ from dist_sae.errors import DistSaeError, Terminated
 from dist_sae.version import __version__
 
 # Command modules, in the order `--help` lists them.
-COMMAND_MODULES = ("train", "data", "report", "compare", "bench")
+COMMAND_MODULES = ("train", "data", "report", "encode", "compare", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""report, demo, encode, reconstruct."""
+"""report, demo."""
 
 from __future__ import annotations
 
@@ -26,22 +26,6 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="use a non-empty --out that holds no previous demo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_demo)
-
-    for kind, text in (("encode", "write the hidden codes of a dataset as a new dataset"),
-                       ("reconstruct", "write the reconstructions of a dataset as a new dataset")):
-        p = sub.add_parser(kind, help=text)
-        p.add_argument("--model", required=True, help="run directory or model.safetensors")
-        p.add_argument("--data", required=True, help="input dataset folder")
-        p.add_argument("--out", required=True, help="dataset folder to create")
-        if kind == "encode":
-            p.add_argument("--layer", type=int, help="encoder layer whose codes to write (1-based; default: the innermost)")
-        p.add_argument("--dtype", choices=["float32", "float64"], help="stored dtype (default: the input's)")
-        p.add_argument("--local", action="store_true", help="run in this process without Ray")
-        p.add_argument("--address", help="Ray address to join; default: start a local Ray")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="session config overrides, e.g. workers.num=4 data.block_rows=8192")
-        p.set_defaults(handler=cmd_transform, kind=kind)
 
 
 def cmd_report(args) -> int:
@@ -72,16 +56,4 @@ def cmd_demo(args) -> int:
     print(f"report: {result.page}")
     print(f"total {s['total']:.1f}s")
     print(f"weights: {result.weights}")
-    return 0
-
-
-def cmd_transform(args) -> int:
-    from dist_sae.apps.encode import transform_dataset
-
-    result = transform_dataset(
-        args.model, args.data, args.out, kind=args.kind, layer=getattr(args, "layer", None), local=args.local,
-        address=args.address, overrides=args.overrides, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet,
-    )
-    ds = result.dataset
-    print(f"wrote {result.rows} rows of {ds.dim} features in {len(ds.shards)} shard(s) to {ds.path} ({result.seconds:.1f}s)")
     return 0

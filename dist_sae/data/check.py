@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from dist_sae.data.storage import is_url, join
-from dist_sae.data.dataset import DATASET_KEY, MANIFEST, Dataset, ShardInfo, fingerprint_of
+from dist_sae.data.dataset import DATASET_KEY, MANIFEST, Dataset, ShardInfo, fingerprint_of, stored_rows
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,10 @@ def _check_shard(file: Path, info: ShardInfo, dim: int, dtype: str, seen: dict, 
         return [Problem(name, f"cannot be opened as HDF5 ({type(exc).__name__}: {exc}); the file is truncated or corrupt: rebuild it")]
     with f:
         try:
-            if DATASET_KEY not in f:
-                return [Problem(name, f"has no dataset {DATASET_KEY!r} (holds {sorted(f.keys())})")]
-            x = f[DATASET_KEY]
+            try:
+                x = stored_rows(f)
+            except KeyError as exc:
+                return [Problem(name, f"has {exc.args[0]}")]
             shape, stored = x.shape, str(x.dtype)
         except Exception as exc:
             return [Problem(name, f"HDF5 metadata cannot be read ({type(exc).__name__}: {exc}); the file is corrupt")]

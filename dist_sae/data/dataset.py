@@ -30,7 +30,43 @@ log = logging.getLogger(__name__)
 MANIFEST = "dataset.json"
 FORMAT = "dist_sae.dataset/1"
 DATASET_KEY = "x"
+# The sparse layout of top-k codes (`dist-sae encode --top-k K`): each row's K kept values and their
+# columns, (rows, K) each, the row width in the file's `dim` attribute (writer.ShardWriter).
+TOPK_VALUES, TOPK_INDICES = "topk_values", "topk_indices"
 SAMPLE_ROWS = 64  # rows at each end of a shard that Dataset.open checks for NaN/Inf
+
+
+class TopKRows:
+    """A top-k shard read as dense rows: the slice reads of an h5py Dataset (`x[a:b]`,
+    `read_direct`, shape, dtype, chunks), each row zero except at its K stored columns."""
+
+    def __init__(self, f: h5py.File) -> None:
+        self.values, self.indices = f[TOPK_VALUES], f[TOPK_INDICES]  # (rows, K) each
+        self.dim = int(f.attrs["dim"])
+        self.shape = (self.values.shape[0], self.dim)
+        self.dtype, self.chunks = self.values.dtype, self.values.chunks
+
+    def read_direct(self, into: np.ndarray, sel: slice) -> None:
+        into[...] = 0
+        np.put_along_axis(into, self.indices[sel].astype(np.intp), self.values[sel], axis=1)
+
+    def __getitem__(self, sel: slice) -> np.ndarray:
+        out = np.empty((len(range(*sel.indices(self.shape[0]))), self.dim), self.dtype)  # (B, n)
+        self.read_direct(out, sel)
+        return out
+
+
+def stored_rows(f: h5py.File) -> h5py.Dataset | TopKRows:
+    """A shard's rows as a 2-D array to slice: `x`, or a top-k shard's dense view.
+
+    Raises:
+        KeyError: the file holds neither (the message lists what it holds).
+    """
+    if DATASET_KEY in f:
+        return f[DATASET_KEY]
+    if TOPK_VALUES in f and TOPK_INDICES in f:
+        return TopKRows(f)
+    raise KeyError(f"no dataset {DATASET_KEY!r} (holds {sorted(f.keys())})")
 
 
 @dataclass(frozen=True)
@@ -164,9 +200,10 @@ class Dataset:
             raise DataError(f"shard {file} listed in {MANIFEST} is missing")
         try:
             with h5py.File(file, "r") as f:
-                if DATASET_KEY not in f:
-                    raise DataError(f"shard {file} has no dataset {DATASET_KEY!r} (has {list(f.keys())})")
-                x = f[DATASET_KEY]
+                try:
+                    x = stored_rows(f)
+                except KeyError as exc:
+                    raise DataError(f"shard {file} has {exc.args[0]}") from None
                 shape, dtype = x.shape, x.dtype
         except DataError:
             raise
@@ -192,7 +229,7 @@ class Dataset:
             file = self.shard_path(index)
             try:
                 with h5py.File(file, "r") as f:
-                    x = f[DATASET_KEY]
+                    x = stored_rows(f)
                     edge = min(SAMPLE_ROWS, x.shape[0])
                     sample = [(0, x[:edge]), (x.shape[0] - edge, x[x.shape[0] - edge :])]
             except Exception as exc:  # h5py: OSError/RuntimeError for a corrupt chunk
@@ -208,7 +245,7 @@ class Dataset:
         if self.meta.get("chunk_rows"):
             return int(self.meta["chunk_rows"])
         with h5py.File(self.shard_path(0), "r") as f:
-            chunks = f[DATASET_KEY].chunks
+            chunks = stored_rows(f).chunks
         return chunks[0] if chunks else 1
 
     def units(self, block_rows: int, align: bool = True, min_units: int = 0, taper: bool = False, pack: bool = True) -> list[WorkUnit]:
@@ -261,7 +298,7 @@ def row_sha256(file: Path, block_rows: int = 65536) -> str:
     """SHA-256 of a shard's row bytes (what dataset.json's per-shard `sha256` records)."""
     h = hashlib.sha256()
     with h5py.File(file, "r") as f:
-        x = f[DATASET_KEY]
+        x = stored_rows(f)
         for start in range(0, x.shape[0], block_rows):
             h.update(x[start : start + block_rows].tobytes())
     return h.hexdigest()

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from dist_sae.errors import DataError
-from dist_sae.data.dataset import DATASET_KEY, Dataset
+from dist_sae.data.dataset import Dataset, stored_rows
 from dist_sae.data.workunit import Span, WorkUnit
 
 
@@ -52,7 +52,7 @@ class BlockReader:
     def _rows(self, span: Span, into: np.ndarray | None = None) -> np.ndarray:
         """The span's rows: a new array, or read into `into` (C-contiguous, its rows and dtype)."""
         try:
-            x = self._file(span.shard)[DATASET_KEY]
+            x = stored_rows(self._file(span.shard))
             if into is None:
                 return x[span.start : span.stop]
             x.read_direct(into, np.s_[span.start : span.stop])

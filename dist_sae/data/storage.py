@@ -163,6 +163,38 @@ def delete(url: str) -> None:
     _call(url, lambda: obstore.delete(store, key))
 
 
+def put_bytes(url: str, data: bytes) -> None:
+    import obstore
+
+    store, key = _store(url)
+    _call(url, lambda: obstore.put(store, key, data))
+
+
+def copy(src: str, dst: str) -> None:
+    """Server-side copy of one object to another key of the same store (no data through this process)."""
+    import obstore
+
+    store, key = _store(src)
+    _, dst_key = _store(dst)
+    _call(src, lambda: obstore.copy(store, key, dst_key))
+
+
+def object_sha256(url: str) -> tuple[int, str]:
+    """(bytes, SHA-256 hex) of an object, streamed through the hash (nothing kept)."""
+    import obstore
+
+    store, key = _store(url)
+    h, size = hashlib.sha256(), 0
+
+    def run() -> None:
+        nonlocal size
+        for chunk in obstore.get(store, key).stream(min_chunk_size=CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    _call(url, run)
+    return size, h.hexdigest()
+
+
 def upload_folder(folder: Path, url: str, last: str) -> None:
     """Upload every file of a folder under prefix `url`; the file named `last` goes last (it marks completion)."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != last)

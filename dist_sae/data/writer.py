@@ -17,7 +17,103 @@ import numpy as np
 
 from dist_sae.errors import DataError
 from dist_sae.data.storage import file_sha256, is_url
-from dist_sae.data.dataset import DATASET_KEY, FORMAT, MANIFEST, Dataset, ShardInfo, fingerprint_of, fsync_path
+from dist_sae.data.dataset import DATASET_KEY, FORMAT, MANIFEST, TOPK_INDICES, TOPK_VALUES, Dataset, ShardInfo, fingerprint_of, fsync_path
+
+
+class ShardWriter:
+    """One HDF5 shard, written block by block; `close()` gives its ShardInfo.
+
+    Dense rows go to `x` (rows, dim). With `top_k`, each row keeps only its K largest values and
+    their columns (`topk_values`, `topk_indices`: (rows, K), columns ascending in each row), which
+    readers expand back to (rows, dim) with zeros elsewhere (dataset.stored_rows). The row hash is
+    over the rows as a reader gets them back (C order, stored dtype), whichever layout holds them.
+
+    Args:
+        path: the file to create.
+        dim: features per row n.
+        dtype: stored dtype.
+        chunk_rows: HDF5 chunk height (rows).
+        compression: h5py compression filter ("gzip", "lzf") or None.
+        top_k: keep each row's K largest values (the sparse layout); None: dense.
+    """
+
+    def __init__(self, path: str | Path, dim: int, dtype: str = "float32", chunk_rows: int = 1024,
+                 compression: str | None = None, top_k: int | None = None) -> None:
+        if top_k is not None and not 0 < top_k < dim:
+            raise DataError(f"top_k must be between 1 and dim - 1 = {dim - 1}, got {top_k}")
+        self.path, self.dim, self.dtype, self.top_k = Path(path), dim, np.dtype(dtype), top_k
+        self._file = h5py.File(self.path, "w")
+        width = top_k or dim
+        kw = {"maxshape": (None, width), "chunks": (max(1, chunk_rows), width), "compression": compression}
+        if top_k is None:
+            self._columns = [self._file.create_dataset(DATASET_KEY, shape=(0, dim), dtype=self.dtype, **kw)]
+        else:
+            self._file.attrs["dim"] = dim
+            self._columns = [self._file.create_dataset(TOPK_VALUES, shape=(0, top_k), dtype=self.dtype, **kw),
+                             self._file.create_dataset(TOPK_INDICES, shape=(0, top_k), dtype=np.int32, **kw)]
+        self._hash = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append rows (B, dim); they are cast to the stored dtype (the top K chosen before the cast)."""
+        if self.top_k is None:
+            rows = np.ascontiguousarray(rows, dtype=self.dtype)
+            parts = [rows]
+        else:
+            cols = np.sort(np.argpartition(-rows, self.top_k - 1, axis=1)[:, : self.top_k], axis=1)  # (B, K)
+            values = np.take_along_axis(rows, cols, axis=1).astype(self.dtype)  # (B, K)
+            parts = [values, cols.astype(np.int32)]
+            rows = np.zeros((len(rows), self.dim), self.dtype)  # what a reader gets back: hashed
+            np.put_along_axis(rows, cols, values, axis=1)
+        for column, part in zip(self._columns, parts):
+            column.resize(self.rows + len(part), axis=0)
+            column[self.rows :] = part
+        self._hash.update(rows.tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> ShardInfo:
+        """Close the file: its ShardInfo (rows, row hash, size, file hash)."""
+        self._file.close()
+        return ShardInfo(self.path.name, self.rows, self._hash.hexdigest(), self.path.stat().st_size, file_sha256(self.path))
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def manifest(dim: int, rows: int, dtype: str, sample_shape: list[int], chunk_rows: int, shards: list[ShardInfo],
+             info: dict[str, Any]) -> dict[str, Any]:
+    """The dataset.json of a dataset of these shards (`info`: source, preprocessing, layout, ...)."""
+    info = dict(info)
+    return {
+        "format": FORMAT,
+        "dim": dim,
+        "rows": rows,
+        "dtype": str(np.dtype(dtype)),
+        "sample_shape": list(sample_shape),
+        "chunk_rows": chunk_rows,
+        "shards": [asdict(s) for s in shards],
+        "fingerprint": fingerprint_of(shards, dim, str(np.dtype(dtype))),
+        "preprocessing": info.pop("preprocessing", []),
+        **info,
+    }
+
+
+def publish(tmp: Path, out: Path, meta: dict[str, Any]) -> Dataset:
+    """Write the manifest into the finished folder `tmp`, fsync it all, and rename it to `out`
+    (an existing `out` is replaced only now, when the new one is complete)."""
+    (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    for file in tmp.iterdir():
+        fsync_path(file)
+    if out.exists():
+        trash = out.with_name(out.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash)
+    else:
+        tmp.rename(out)
+    return Dataset.open(out)
 
 
 class DatasetWriter:
@@ -71,89 +167,42 @@ class DatasetWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.shards: list[ShardInfo] = []
-        self._file: h5py.File | None = None
-        self._rows_in_shard = 0
-        self._hash = None
+        self._shard: ShardWriter | None = None
         self.rows = 0
-
-    def _open_shard(self) -> None:
-        name = f"shard-{len(self.shards):05d}.h5"
-        self._file = h5py.File(self.tmp / name, "w")
-        self._file.create_dataset(
-            DATASET_KEY,
-            shape=(0, self.dim),
-            maxshape=(None, self.dim),
-            dtype=self.dtype,
-            chunks=(self.chunk_rows, self.dim),
-            compression=self.compression,
-        )
-        self._rows_in_shard = 0
-        self._hash = hashlib.sha256()
-        self._name = name
-
-    def _close_shard(self) -> None:
-        if self._file is None:
-            return
-        self._file.close()
-        file = self.tmp / self._name  # size and file hash: what a downloaded or cached copy is checked against
-        self.shards.append(ShardInfo(self._name, self._rows_in_shard, self._hash.hexdigest(), file.stat().st_size, file_sha256(file)))
-        self._file = None
 
     def write(self, rows: np.ndarray) -> None:
         """Append rows (B, dim); they are cast to the stored dtype."""
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise DataError(f"rows of shape {rows.shape} do not fit a dataset of dim {self.dim}")
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
         while len(rows):
-            if self._file is None:
-                self._open_shard()
-            take = min(len(rows), self.shard_rows - self._rows_in_shard)
-            part, rows = rows[:take], rows[take:]
-            x = self._file[DATASET_KEY]
-            x.resize(self._rows_in_shard + take, axis=0)
-            x[self._rows_in_shard :] = part
-            self._hash.update(part.tobytes())
-            self._rows_in_shard += take
+            if self._shard is None:
+                name = f"shard-{len(self.shards):05d}.h5"
+                self._shard = ShardWriter(self.tmp / name, self.dim, self.dtype, self.chunk_rows, self.compression)
+            take = min(len(rows), self.shard_rows - self._shard.rows)
+            self._shard.write(rows[:take])
+            rows = rows[take:]
             self.rows += take
-            if self._rows_in_shard == self.shard_rows:
+            if self._shard.rows == self.shard_rows:
                 self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            self.shards.append(self._shard.close())
+            self._shard = None
 
     def close(self) -> Dataset:
         """Finish the last shard, write the manifest, fsync, and move the folder into place."""
         self._close_shard()
         if self.rows == 0:
             raise DataError(f"no rows were written to {self.out}")
-        meta = {
-            "format": FORMAT,
-            "dim": self.dim,
-            "rows": self.rows,
-            "dtype": str(self.dtype),
-            "sample_shape": self.sample_shape,
-            "chunk_rows": self.chunk_rows,
-            "shards": [asdict(s) for s in self.shards],
-            "fingerprint": fingerprint_of(self.shards, self.dim, str(self.dtype)),
-            "preprocessing": self.info.pop("preprocessing", []),
-            **self.info,
-        }
-        manifest = self.tmp / MANIFEST
-        manifest.write_text(json.dumps(meta, indent=2) + "\n")
-        for file in self.tmp.iterdir():
-            fsync_path(file)
-        if self.out.exists():
-            trash = self.out.with_name(self.out.name + ".old")
-            shutil.rmtree(trash, ignore_errors=True)
-            self.out.rename(trash)
-            self.tmp.rename(self.out)
-            shutil.rmtree(trash)
-        else:
-            self.tmp.rename(self.out)
-        return Dataset.open(self.out)
+        meta = manifest(self.dim, self.rows, str(self.dtype), self.sample_shape, self.chunk_rows, self.shards, self.info)
+        return publish(self.tmp, self.out, meta)
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> DatasetWriter:
@@ -164,7 +213,6 @@ class DatasetWriter:
             self.dataset = self.close()
         else:
             self.abort()
-
 
 
 def write_array(out: str | Path, x: np.ndarray, shard_rows: int, block_rows: int = 65536, **kwargs) -> Dataset:

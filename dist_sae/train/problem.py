@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from dist_sae.config import Config
-from dist_sae.data.dataset import Dataset
+from dist_sae.data.dataset import Dataset, ShardInfo
 from dist_sae.data.reader import prefetch
 from dist_sae.data.workunit import WorkUnit
 from dist_sae.errors import TrainingError
@@ -25,6 +25,7 @@ from dist_sae.sae.backward import Workspace
 from dist_sae.sae.model import SparseAutoencoder
 from dist_sae.sae.objective import Evaluation, Objective, SparsityState, finalize, sparsity_state, split_layers, weight_decay_vector
 from dist_sae.sae.sums import OrderedReducer, Sums
+from dist_sae.train.codes import CodeJob, write_code_shard
 from dist_sae.train.inputs import resolve_device
 from dist_sae.train.lanes import Lanes
 from dist_sae.train.passes import PassRunner
@@ -40,8 +41,8 @@ class Evaluator(Protocol):
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:
         """The ordered float64 sum of a pass over `units`, and timings."""
 
-    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
-        """Yield (unit, per-row output) in unit order: `encode` codes or `reconstruct` outputs."""
+    def write_shards(self, job: CodeJob, shards: dict[int, tuple[WorkUnit, ...]], theta: np.ndarray) -> Iterator[tuple[int, ShardInfo]]:
+        """Compute and store output shards (train/codes.py) at θ; yield (index, ShardInfo) as each is stored."""
 
 
 class LocalEvaluator:
@@ -110,14 +111,12 @@ class LocalEvaluator:
             made["workspace"] += self.lanes.buffers_made()
         return made
 
-    def map_units(self, kind: str, theta: np.ndarray, units: list[WorkUnit], layer: int | None = None):
-        """Yield (unit, per-row output array) in unit order for kind `encode` or `reconstruct`."""
+    def write_shards(self, job: CodeJob, shards: dict[int, tuple[WorkUnit, ...]], theta: np.ndarray) -> Iterator[tuple[int, ShardInfo]]:
+        """Compute and store each output shard here, in index order (the next block read ahead); yield (index, ShardInfo)."""
         self._version += 1
         self.runner.set_theta(theta, ("local", self._version))
-        for unit, block in prefetch(self.runner.load, units, self.prefetch_depth, self._reads):
-            out = self.runner.transform(kind, block, layer)
-            self.runner.release(block)
-            yield unit, out
+        for k in sorted(shards):
+            yield k, write_code_shard(self.runner, job, k, shards[k], reads=self._reads)
 
     def close(self) -> None:
         self._reads.shutdown(wait=True)

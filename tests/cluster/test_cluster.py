@@ -314,22 +314,6 @@ def test_slow_worker_does_fewer_units_and_the_result_is_unchanged(sessions, data
 
 
 @pytest.mark.ray
-def test_map_units_yields_in_unit_order_like_the_local_evaluator(sessions, data):
-    session = sessions(2, SLOW, data__block_rows=16)  # results arrive out of order
-    theta = initial_theta(session.cfg, None)
-    local = LocalEvaluator(PassRunner(session.cfg, Dataset.open(data)))
-    try:
-        units = session.problem.evaluator.units
-        got = list(session.problem.evaluator.map_units("encode", theta, units, layer=1))
-        want = list(local.map_units("encode", theta, units, layer=1))
-        assert [u.id for u, _ in got] == [u.id for u in units]
-        for (_, a), (_, b) in zip(got, want):
-            np.testing.assert_array_equal(a, b)
-    finally:
-        local.close()
-
-
-@pytest.mark.ray
 @pytest.mark.parametrize("refresh_every", [3, 0])  # a fixed schedule; the automatic policy
 def test_minibatch_adam_on_ray_equals_single_process(sessions, data, refresh_every):
     session = sessions(2, optim__method="adam", optim__lr=0.01, optim__batch_size=100, optim__batch_parts=3,

@@ -1,0 +1,192 @@
+"""An output dataset written shard by shard by many processes, and resumable: `<out>.partial/`.
+
+Every shard is written whole somewhere else (a scratch file), then put into the partial folder
+with one rename (local) or one upload (object storage), and only then its record,
+`<shard>.json`: the ShardInfo (rows, row hash, file size and SHA-256). A shard without a record is
+not done. A resumed run keeps every shard whose file still has the recorded size and SHA-256, and
+recomputes the others; `job.json` holds the settings the shards were made with, and a resume
+with other settings is refused. `finish` writes dataset.json, last, and moves the folder into
+place (a rename; on object storage, server-side copies under the final prefix, dataset.json last).
+
+Works the same for a local folder and an object-store prefix (s3://, gs://, az://); the workers
+that write the shards need only the folder's name (`store_shard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dist_sae.data import storage
+from dist_sae.data.dataset import MANIFEST, Dataset, ShardInfo, fsync_path
+from dist_sae.data.writer import publish
+from dist_sae.errors import DataError
+
+log = logging.getLogger(__name__)
+
+JOB = "job.json"
+RECORD = ".json"  # a finished shard's record: <shard file> + RECORD
+_SHARD = re.compile(r"^shard-(\d{5,})\.h5$")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.h5"
+
+
+def scratch_file(folder: str, name: str) -> Path:
+    """Where a shard is written before it is stored: inside a local partial folder (so the store
+    is a rename on one file system), else in this node's temp folder. Unique per attempt, so a
+    retried shard never writes into a dead attempt's file."""
+    base = Path(folder) if not storage.is_url(folder) else Path(tempfile.gettempdir())
+    return base / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def store_shard(folder: str, scratch: Path, info: ShardInfo) -> None:
+    """Put a finished shard (written to `scratch`) into the partial folder as info.file, then its record."""
+    record = json.dumps(asdict(info)).encode()
+    if storage.is_url(folder):
+        try:
+            storage.put_file(scratch, storage.join(folder, info.file))
+        finally:
+            scratch.unlink(missing_ok=True)
+        storage.put_bytes(storage.join(folder, info.file + RECORD), record)
+        return
+    folder_path = Path(folder)
+    fsync_path(scratch)
+    os.replace(scratch, folder_path / info.file)
+    tmp = scratch.with_suffix(".rec")
+    tmp.write_bytes(record)
+    fsync_path(tmp)
+    os.replace(tmp, folder_path / (info.file + RECORD))
+
+
+class PartialOutput:
+    """The partial folder of one output dataset (a local folder or an object-store URL).
+
+    Args:
+        out: the dataset to create (folder or URL); the partial folder is `<out>.partial`.
+        job: the settings the shards are made with (saved in job.json; a resume must match them).
+        resume: keep the verified shards of an earlier run with the same settings.
+        overwrite: replace an existing `out` when finished; without resume, also start over from
+            an earlier run's partial folder.
+    """
+
+    def __init__(self, out: str | Path, job: dict[str, Any], resume: bool = False, overwrite: bool = False) -> None:
+        self.url = storage.is_url(out)
+        self.out = str(out).rstrip("/") if self.url else Path(out)
+        self.folder = f"{self.out}.partial"
+        self.job, self.resume, self.overwrite = job, resume, overwrite
+
+    # ---- the folder's contents, local or remote ------------------------------------------------
+
+    def _names(self) -> dict[str, int]:
+        if self.url:
+            return {n: s for n, s in storage.listing(self.folder).items() if "/" not in n}
+        folder = Path(self.folder)
+        return {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+    def _read(self, name: str) -> bytes:
+        return storage.read_bytes(storage.join(self.folder, name)) if self.url else (Path(self.folder) / name).read_bytes()
+
+    def _remove(self, names) -> None:
+        for name in names:
+            if self.url:
+                storage.delete(storage.join(self.folder, name))
+            else:
+                (Path(self.folder) / name).unlink(missing_ok=True)
+
+    def _file_sha256(self, name: str) -> str:
+        if self.url:
+            return storage.object_sha256(storage.join(self.folder, name))[1]
+        return storage.file_sha256(Path(self.folder) / name)
+
+    def _exists_out(self) -> bool:
+        if self.url:
+            return MANIFEST in storage.listing(self.out)
+        return Path(self.out).exists()
+
+    # ---- start, resume, finish -------------------------------------------------------------------
+
+    def start(self) -> dict[int, ShardInfo]:
+        """Check the output, make or reopen the partial folder; the finished shards kept, by index.
+
+        Raises:
+            DataError: `out` exists without overwrite; a partial folder exists without resume or
+                overwrite; a resume whose settings differ from the partial folder's.
+        """
+        if self._exists_out() and not self.overwrite:
+            raise DataError(f"{self.out} already exists; choose another --out or pass --overwrite")
+        names = self._names()
+        if names and not self.resume:
+            if not self.overwrite:
+                done = sum(1 for n in names if n.endswith(".h5" + RECORD))
+                raise DataError(f"{self.folder} holds an earlier run's output ({done} finished shard(s)); "
+                                "add --resume to continue it, or --overwrite to start again")
+            self._remove(names)
+            names = {}
+        if names:
+            saved = json.loads(self._read(JOB)) if JOB in names else None
+            if saved != self.job:
+                differ = sorted(k for k in set(self.job) | set(saved or {}) if (saved or {}).get(k) != self.job.get(k))
+                raise DataError(f"{self.folder} was made with other settings ({', '.join(differ)} differ); "
+                                "resume with the same ones, or pass --overwrite to start again")
+        elif not self.url:
+            Path(self.folder).mkdir(parents=True)
+        if JOB not in names:
+            job = json.dumps(self.job, indent=2, sort_keys=True).encode()
+            if self.url:
+                storage.put_bytes(storage.join(self.folder, JOB), job)
+            else:
+                (Path(self.folder) / JOB).write_bytes(job)
+        return self._verified(names)
+
+    def _verified(self, names: dict[str, int]) -> dict[int, ShardInfo]:
+        """The finished shards whose files match their records; the others (and stray scratch) are removed."""
+        done: dict[int, ShardInfo] = {}
+        for name in sorted(names):
+            m = _SHARD.match(name[: -len(RECORD)]) if name.endswith(RECORD) else None
+            if m is None:
+                continue
+            info = ShardInfo(**json.loads(self._read(name)))
+            if names.get(info.file) == info.size and self._file_sha256(info.file) == info.file_sha256:
+                done[int(m.group(1))] = info
+            else:
+                log.warning("%s does not match its record (size or SHA-256): it is computed again", storage.join(self.folder, info.file))
+                self._remove([name, info.file])
+        stray = [n for n in names if n.startswith(".") or (_SHARD.match(n) and int(_SHARD.match(n).group(1)) not in done)]
+        self._remove(stray)  # scratch of attempts that died, shards whose record never came
+        if done:
+            log.info("resuming %s: %d finished shard(s) verified and kept", self.folder, len(done))
+        return done
+
+    def finish(self, meta: dict[str, Any], side_files: dict[str, Path]) -> Dataset:
+        """Write dataset.json (`meta`) and the side files, and move the dataset into place."""
+        shards = [s["file"] for s in meta["shards"]]
+        if not self.url:
+            folder = Path(self.folder)
+            for name in self._names():
+                if name not in shards:
+                    (folder / name).unlink()
+            for name, path in side_files.items():
+                shutil.copy2(path, folder / name)
+            return publish(folder, Path(self.out), meta)
+        before = storage.listing(self.out)
+        if MANIFEST in before:
+            storage.delete(storage.join(self.out, MANIFEST))
+        for name in shards:  # server-side copies: no shard passes through this process
+            storage.copy(storage.join(self.folder, name), storage.join(self.out, name))
+        for name, path in side_files.items():
+            storage.put_file(path, storage.join(self.out, name))
+        storage.put_bytes(storage.join(self.out, MANIFEST), (json.dumps(meta, indent=2) + "\n").encode())
+        for name in set(before) - set(shards) - set(side_files) - {MANIFEST}:
+            storage.delete(storage.join(self.out, name))  # a replaced dataset's leftovers
+        self._remove(self._names())
+        return Dataset.open(self.out)
