@@ -53,6 +53,8 @@ class EncodeResult:
     seconds: float
     computed: int = 0  # shards computed by this run
     kept: int = 0  # finished shards of an earlier run kept by a resume
+    start_s: float = 0.0  # of `seconds`: starting the workers (a private Ray included), before any shard
+    encode_s: float = 0.0  # of `seconds`: from the workers' start to the last shard stored
 
 
 def _transform_source(dataset: Dataset, cfg) -> Path | None:
@@ -211,21 +213,24 @@ def transform_dataset(
     todo = {k: units for k, units in enumerate(plan) if k not in done}
     kept = len(done)
     job = CodeJob(kind, code_layer if kind == "encode" else None, dim, dtype, partial.folder, top_k, chunk_rows, compression)
-    t0 = time.perf_counter()
+    t0, start_s, encode_s = time.perf_counter(), 0.0, 0.0
     if todo:
-        _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint=_resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides))
+        start_s, encode_s = _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint=_resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides))
     shards = [done[k] for k in range(len(plan))]
     rows = sum(s.rows for s in shards)
     if rows != dataset.rows:
         raise DataError(f"{kind} wrote {rows} rows but {dataset.location} holds {dataset.rows}")
     meta = manifest(dim, rows, dtype, sample_shape, max(1, min(chunk_rows, rows_per_shard)), shards, info)
     written = partial.finish(meta, side_files)
-    return EncodeResult(written, rows, time.perf_counter() - t0, len(todo), kept)
+    return EncodeResult(written, rows, time.perf_counter() - t0, len(todo), kept, start_s, encode_s)
 
 
-def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint) -> None:
-    """Run the session's workers over the shards to do; `done` gains each stored shard's ShardInfo."""
+def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint) -> tuple[float, float]:
+    """Run the session's workers over the shards to do; `done` gains each stored shard's ShardInfo.
+    Returns the seconds starting the session, and from then to the last shard stored."""
+    t0 = time.perf_counter()
     session = open_session(cfg, dataset)
+    start_s = time.perf_counter() - t0
     shards = len(done) + len(todo)
     total = sum(u.rows for units in todo.values() for u in units)
     bar = progress.bar(total, kind, quiet=quiet)
@@ -236,6 +241,7 @@ def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shar
                 bar.update(shard.rows)
                 if on_shard is not None:
                     on_shard(k, shard.rows)
+        encode_s = time.perf_counter() - t0 - start_s
     except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated from SIGTERM
         where = f"{len(done)} of {shards} shards are finished in {partial.folder}"
         stop = type(exc) if isinstance(exc, Terminated) else Interrupted
@@ -245,6 +251,7 @@ def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shar
         session.close()
         raise
     session.close()
+    return start_s, encode_s
 
 
 def _resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides) -> str:

@@ -6,6 +6,7 @@
     pools           python -m dist_sae.bench.pools           the pass tail before/after unit sizing; the pass bars' cost
     reduce_scaling  python -m dist_sae.bench.reduce_scaling  the server's share of a pass against W, per reduction
     safety          python -m dist_sae.bench.safety          the SIGTERM checkpoint: write and verified load
+    encode          python -m dist_sae.bench.encode          encode rows/s, --local vs Ray; driver and worker RSS at 1x and 16x
 
 Each writes its JSON report to a file; run_part reads it back and picks the figures the suite's
 table shows (`pick`). A part whose optional extra is missing is skipped with the reason, and a part
@@ -67,6 +68,10 @@ def _safety(r: dict) -> dict[str, float]:
     return {f"safety_{key}_history_{run['history']}": run[key] for run in r["runs"] for key in ("write_s", "load_s")}
 
 
+def _encode(r: dict) -> dict[str, float]:
+    return {f"encode_{k}": v for k, v in r["ratios"].items()}
+
+
 def _without_peer(args: list[str]) -> list[str]:
     """minibatch's arguments with its Ray Train peer systems left out."""
     if "--systems" not in args:
@@ -105,6 +110,9 @@ PARTS: dict[str, Part] = {
                  "--store-mb", "100"]}, _reduce),
     "safety": Part("dist_sae.bench.safety", {
         "full": [], "quick": ["--history", "10", "--reps", "1"], "tiny": ["--sizes", "64,25,64", "--history", "10", "--reps", "1"]}, _safety),
+    "encode": Part("dist_sae.bench.encode", {
+        "full": ["--reps", "3"], "quick": ["--rows", "200000", "--factors", "1,4", "--reps", "1"],
+        "tiny": ["--rows", "20000", "--factors", "1,2", "--reps", "1"]}, _encode),
 }
 
 

@@ -23,7 +23,7 @@ order, so load from other processes falls on both sides alike.
                             Ray, streaming, at 16x the rows / 1x, sampled from /proc outside the process tree
     rss_64x_vs_1x           the same at 64x the rows
     rss_tree_16x_vs_1x      the whole process tree (driver, raylet, GCS, workers) at 16x / 1x (and _64x_)
-    minibatch_*, build_*, storage_*, pools_*, reduce_*, safety_*
+    minibatch_*, build_*, storage_*, pools_*, reduce_*, safety_*, encode_*
                             the benchmark modules run as child processes (dist_sae.bench.parts)
 
 The compute ratios are given for the notes' 64-25-64 model and for 784-1024-784. --quick uses small
@@ -88,6 +88,8 @@ TARGETS = {  # key: (comparison, bound); "|<=|": the absolute value
     "reduce_all_bit_identical": ("==", 1.0),
     "reduce_tree_bytes_within_2_p_vectors": ("==", 1.0),
     "reduce_tree_over_server_busy": ("<=", 0.125),  # at W = 32 (the full run)
+    "encode_ray_over_local": (">=", 1.6),
+    "encode_driver_rss_16x_vs_1x": ("<=", 1.1),
 }
 
 MODELS = {"64-25": (64, 25), "784-1024": (784, 1024)}

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from typing import Any
 
@@ -85,6 +86,7 @@ class Worker:
         device = resolve_device(cfg.compute.device, gpus)
         self.runner = PassRunner(cfg, dataset_path, device, threads)
         self._compute = threading.Lock()  # one unit computes at a time; the other call reads
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-encode-read")  # an encode shard's next unit, read ahead
         self._g_key: object = None
         self._fault: tuple[str, int] | None = None  # test-only: (exit | hang, units left before it)
         self._node = _node_id()
@@ -219,8 +221,9 @@ class Worker:
                     time.sleep(self.delay_s)
             return out
 
-        info = write_code_shard(self.runner, job, shard, [WorkUnit.from_flat(u) for u in units], compute)
+        info = write_code_shard(self.runner, job, shard, [WorkUnit.from_flat(u) for u in units], compute, self._reads)
         return dataclasses.asdict(info)
 
     def close(self) -> None:
+        self._reads.shutdown(wait=True)
         self.runner.close()

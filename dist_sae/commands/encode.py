@@ -50,5 +50,6 @@ def cmd_transform(args) -> int:
     )
     ds = result.dataset
     kept = f"; {result.kept} finished shard(s) kept from the earlier run" if result.kept else ""
-    print(f"wrote {result.rows} rows of {ds.dim} features in {len(ds.shards)} shard(s) to {ds.location} ({result.seconds:.1f}s{kept})")
+    start = f": {result.start_s:.2f}s starting the workers, {result.encode_s:.2f}s encoding" if result.computed else ""
+    print(f"wrote {result.rows} rows of {ds.dim} features in {len(ds.shards)} shard(s) to {ds.location} ({result.seconds:.2f}s{start}{kept})")
     return 0

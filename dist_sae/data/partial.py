@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_sae.data import storage
-from dist_sae.data.dataset import MANIFEST, Dataset, ShardInfo, fsync_path
+from dist_sae.data.dataset import MANIFEST, Dataset, ShardInfo
 from dist_sae.data.writer import publish
 from dist_sae.errors import DataError
 
@@ -59,12 +59,13 @@ def store_shard(folder: str, scratch: Path, info: ShardInfo) -> None:
             scratch.unlink(missing_ok=True)
         storage.put_bytes(storage.join(folder, info.file + RECORD), record)
         return
+    # No fsync here: a resume re-hashes every recorded shard, so one torn by a crash is recomputed,
+    # and `finish` fsyncs the whole folder once before it becomes the dataset. (A shard waiting
+    # for the disk here held its worker: the output is written at disk speed once, not twice.)
     folder_path = Path(folder)
-    fsync_path(scratch)
     os.replace(scratch, folder_path / info.file)
     tmp = scratch.with_suffix(".rec")
     tmp.write_bytes(record)
-    fsync_path(tmp)
     os.replace(tmp, folder_path / (info.file + RECORD))
 
 

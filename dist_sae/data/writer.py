@@ -68,7 +68,7 @@ class ShardWriter:
         for column, part in zip(self._columns, parts):
             column.resize(self.rows + len(part), axis=0)
             column[self.rows :] = part
-        self._hash.update(rows.tobytes())
+        self._hash.update(rows)  # the C-contiguous array itself: no copy of its bytes
         self.rows += len(rows)
 
     def close(self) -> ShardInfo:
