@@ -82,7 +82,8 @@ class PartialOutput:
 
     def __init__(self, out: str | Path, job: dict[str, Any], resume: bool = False, overwrite: bool = False) -> None:
         self.url = storage.is_url(out)
-        self.out = str(out).rstrip("/") if self.url else Path(out)
+        # Absolute: the workers that store shards may run in another working directory (a Ray job's).
+        self.out = str(out).rstrip("/") if self.url else Path(out).absolute()
         self.folder = f"{self.out}.partial"
         self.job, self.resume, self.overwrite = job, resume, overwrite
 
