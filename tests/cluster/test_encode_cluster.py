@@ -50,11 +50,14 @@ def test_ray_encode_equals_local_for_any_worker_count(trained, tmp_path, workers
     np.testing.assert_array_equal(read_all(got.path), read_all(reference.path))
 
 
-def test_ray_reconstruct_equals_local(trained, tmp_path):
+def test_ray_reconstruct_equals_local_on_disk_and_on_s3(trained, tmp_path):
     root, _ = trained
     local = reconstruct_dataset(root / "run", root / "data", tmp_path / "local", local=True).dataset
     remote = reconstruct_dataset(root / "run", root / "data", tmp_path / "ray", overrides=_ray(2)).dataset
     assert remote.fingerprint == local.fingerprint and len(remote.shards) == 4
+    on_s3 = reconstruct_dataset(root / "run", root / "data", "s3://dsae-codes/recon", overrides=_ray(1)).dataset
+    assert on_s3.url == "s3://dsae-codes/recon" and on_s3.fingerprint == local.fingerprint
+    np.testing.assert_array_equal(read_all("s3://dsae-codes/recon"), read_all(local.path))
 
 
 def test_a_worker_killed_mid_run_leaves_the_output_unchanged(trained, tmp_path, caplog):
