@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import signal
 import threading
 import time
@@ -44,6 +45,7 @@ from dist_sae import progress
 log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32", "float64")
+MAX_OBJECT_COPY = 5 * 10**9  # S3's single-request CopyObject limit (5 GB): finishing on object storage copies each shard
 
 
 @dataclass
@@ -74,7 +76,10 @@ def out_shard_rows(dataset: Dataset, row_bytes: int, shard_rows: int | None, sha
         if shard_rows < 1:
             raise DataError(f"--shard-rows must be >= 1, got {shard_rows}")
         return shard_rows
-    most = max(1, int(parse_size(shard_bytes) or DEFAULT_SHARD_BYTES) // row_bytes)
+    size = parse_size(shard_bytes)
+    if size is not None and size < row_bytes:
+        raise DataError(f"--shard-size {shard_bytes} holds no row ({row_bytes} bytes each)")
+    most = max(1, int(size or DEFAULT_SHARD_BYTES) // row_bytes)
     return most if shard_bytes is not None else min(most, max(s.rows for s in dataset.shards))
 
 
@@ -193,6 +198,9 @@ def transform_dataset(
     dtype = dtype or dataset.dtype
     row_bytes = (top_k or dim) * (np.dtype(dtype).itemsize + (4 if top_k else 0))
     rows_per_shard = out_shard_rows(dataset, row_bytes, shard_rows, shard_bytes)
+    if is_url(out) and rows_per_shard * row_bytes > MAX_OBJECT_COPY:
+        raise DataError(f"shards of {rows_per_shard} rows are over 5 GB, the most object storage copies in one request; "
+                        "give a smaller --shard-rows or --shard-size")
     plan = plan_shards([s.rows for s in dataset.shards], rows_per_shard, cfg.data.block_rows)
     theta = model_obj.theta.detach().numpy().copy()
     info["source"] = {
@@ -206,61 +214,68 @@ def transform_dataset(
         "input_transform": str(cfg.data.transform) if cfg.data.transform else None,
     }
     job_spec = {**info["source"], "dim": dim, "dtype": dtype, "top_k": top_k, "rows_per_shard": rows_per_shard,
-                "compression": compression, "chunk_rows": chunk_rows, "block_rows": cfg.data.block_rows}
+                "compression": compression, "chunk_rows": chunk_rows, "block_rows": cfg.data.block_rows,
+                "compute_dtype": cfg.compute.dtype, "compute_device": cfg.compute.device}  # a resume must not mix these
     job_spec.pop("model")
+    hint = _resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, chunk_rows, local, address,
+                        overwrite, overrides)
     partial = PartialOutput(out, job_spec, resume=resume, overwrite=overwrite)
-    done = partial.start()
-    todo = {k: units for k, units in enumerate(plan) if k not in done}
-    kept = len(done)
-    job = CodeJob(kind, code_layer if kind == "encode" else None, dim, dtype, partial.folder, top_k, chunk_rows, compression)
-    t0, start_s, encode_s = time.perf_counter(), 0.0, 0.0
-    if todo:
-        start_s, encode_s = _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint=_resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides))
-    shards = [done[k] for k in range(len(plan))]
-    rows = sum(s.rows for s in shards)
-    if rows != dataset.rows:
-        raise DataError(f"{kind} wrote {rows} rows but {dataset.location} holds {dataset.rows}")
-    meta = manifest(dim, rows, dtype, sample_shape, max(1, min(chunk_rows, rows_per_shard)), shards, info)
-    written = partial.finish(meta, side_files)
+    done: dict = {}
+    t0, start_s, encode_s, todo = time.perf_counter(), 0.0, 0.0, {}
+    try:
+        with _stop_on_sigterm():
+            done.update(partial.start())
+            kept = len(done)
+            todo = {k: units for k, units in enumerate(plan) if k not in done}
+            job = CodeJob(kind, code_layer if kind == "encode" else None, dim, dtype, partial.folder, top_k, chunk_rows, compression)
+            if todo:
+                start_s, encode_s = _compute(cfg, dataset, job, todo, theta, done, kind, quiet, on_shard)
+            shards = [done[k] for k in range(len(plan))]
+            rows = sum(s.rows for s in shards)
+            if rows != dataset.rows:
+                raise DataError(f"{kind} wrote {rows} rows but {dataset.location} holds {dataset.rows}")
+            meta = manifest(dim, rows, dtype, sample_shape, max(1, min(chunk_rows, rows_per_shard)), shards, info)
+            written = partial.finish(meta, side_files)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated from SIGTERM: say how to go on
+        stop = type(exc) if isinstance(exc, Terminated) else Interrupted
+        where = f"{len(done)} of {len(plan)} shards are finished in {partial.folder}"
+        raise stop(f"{kind} stopped on {'SIGTERM' if stop is Terminated else 'Ctrl-C'}: {where}; resume with: {hint}") from None
+    finally:
+        partial.close()
     return EncodeResult(written, rows, time.perf_counter() - t0, len(todo), kept, start_s, encode_s)
 
 
-def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, partial, on_shard, resume_hint) -> tuple[float, float]:
+def _compute(cfg, dataset, job, todo, theta, done, kind, quiet, on_shard) -> tuple[float, float]:
     """Run the session's workers over the shards to do; `done` gains each stored shard's ShardInfo.
     Returns the seconds starting the session, and from then to the last shard stored."""
     t0 = time.perf_counter()
     session = open_session(cfg, dataset)
     start_s = time.perf_counter() - t0
-    shards = len(done) + len(todo)
     total = sum(u.rows for units in todo.values() for u in units)
-    bar = progress.bar(total, kind, quiet=quiet)
     try:
-        with bar, _stop_on_sigterm():
+        with progress.bar(total, kind, quiet=quiet) as bar:  # moves as each shard is stored
             for k, shard in session.problem.evaluator.write_shards(job, todo, theta):
                 done[k] = shard
                 bar.update(shard.rows)
                 if on_shard is not None:
                     on_shard(k, shard.rows)
         encode_s = time.perf_counter() - t0 - start_s
-    except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated from SIGTERM
-        where = f"{len(done)} of {shards} shards are finished in {partial.folder}"
-        stop = type(exc) if isinstance(exc, Terminated) else Interrupted
-        session.close(fast=stop is Terminated)
-        raise stop(f"{kind} stopped on {'SIGTERM' if stop is Terminated else 'Ctrl-C'}: {where}; resume with: {resume_hint}") from None
-    except BaseException:
-        session.close()
+    except BaseException as exc:
+        session.close(fast=isinstance(exc, Terminated))  # SIGTERM: within the grace period
         raise
     session.close()
     return start_s, encode_s
 
 
-def _resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, local, address, overrides) -> str:
-    """The command that continues this encode (the same settings, --resume)."""
-    parts = [f"dist-sae {kind} --model {model} --data {data} --out {out}"]
-    parts += [f"--layer {layer}"] * (layer is not None) + [f"--dtype {dtype}", f"--shard-rows {rows_per_shard}"]
-    parts += [f"--top-k {top_k}"] * (top_k is not None) + [f"--compression {compression}"] * (compression is not None)
-    parts += ["--local"] * local + [f"--address {address}"] * (address is not None)
-    return " ".join(parts + ["--resume", *(overrides or [])])
+def _resume_hint(kind, model, data, out, layer, dtype, top_k, rows_per_shard, compression, chunk_rows, local, address,
+                 overwrite, overrides) -> str:
+    """The command that continues this encode (the same settings, --resume), quoted for a shell."""
+    parts = ["dist-sae", kind, "--model", str(model), "--data", str(data), "--out", str(out)]
+    parts += ["--layer", str(layer)] * (layer is not None) + ["--dtype", dtype, "--shard-rows", str(rows_per_shard)]
+    parts += ["--top-k", str(top_k)] * (top_k is not None) + ["--compression", str(compression)] * (compression is not None)
+    parts += ["--chunk-rows", str(chunk_rows)] * (chunk_rows != 1024)
+    parts += ["--local"] * local + ["--address", str(address)] * (address is not None) + ["--overwrite"] * overwrite
+    return shlex.join(parts + ["--resume", *(overrides or [])])
 
 
 def encode_dataset(model, data, out, layer: int | None = None, **kwargs) -> EncodeResult:

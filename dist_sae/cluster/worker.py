@@ -209,8 +209,8 @@ class Worker:
     def write_codes(self, job: CodeJob, shard: int, units: list[tuple[int, ...]], theta_key: object,
                     theta: np.ndarray | bytes) -> dict[str, Any]:
         """Compute output shard `shard` from its units (WorkUnit.flat()) and store it in job.folder
-        (train/codes.py); its ShardInfo as a dict. Only the compute holds the lock: the other call
-        reads (and writes its shard) meanwhile."""
+        (train/codes.py); its ShardInfo as a dict. The evaluator sends one shard at a time; the
+        next unit of the shard is read ahead on this worker's read thread while one computes."""
 
         def compute(block):
             with self._compute:

@@ -65,6 +65,8 @@ def stored_rows(f: h5py.File) -> h5py.Dataset | TopKRows:
     if DATASET_KEY in f:
         return f[DATASET_KEY]
     if TOPK_VALUES in f and TOPK_INDICES in f:
+        if "dim" not in f.attrs:
+            raise KeyError(f"a top-k layout without its row width (no 'dim' attribute; holds {sorted(f.keys())})")
         return TopKRows(f)
     raise KeyError(f"no dataset {DATASET_KEY!r} (holds {sorted(f.keys())})")
 

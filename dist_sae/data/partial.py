@@ -14,6 +14,7 @@ that write the shards need only the folder's name (`store_shard`).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -110,38 +111,52 @@ class PartialOutput:
             return storage.object_sha256(storage.join(self.folder, name))[1]
         return storage.file_sha256(Path(self.folder) / name)
 
-    def _exists_out(self) -> bool:
+    def _existing_out(self) -> list[str]:
+        """What is at `out` now: a local folder's entries, or every object under the prefix."""
         if self.url:
-            return MANIFEST in storage.listing(self.out)
-        return Path(self.out).exists()
+            return sorted(storage.listing(self.out))
+        out = Path(self.out)
+        return sorted(p.name for p in out.iterdir()) if out.is_dir() else ([out.name] if out.exists() else [])
+
+    def _old_dataset_files(self) -> list[str]:
+        """The objects a dataset at the `out` prefix consists of (its manifest names them): what
+        --overwrite replaces there, and nothing else under the prefix."""
+        try:
+            meta = json.loads(storage.read_bytes(storage.join(self.out, MANIFEST)))
+        except (DataError, ValueError):
+            return []
+        return [MANIFEST, *(s["file"] for s in meta.get("shards", [])), *([meta["transform"]["file"]] if meta.get("transform") else [])]
 
     # ---- start, resume, finish -------------------------------------------------------------------
 
     def start(self) -> dict[int, ShardInfo]:
-        """Check the output, make or reopen the partial folder; the finished shards kept, by index.
+        """Check the output, lock and make or reopen the partial folder; the finished shards kept, by index.
 
         Raises:
-            DataError: `out` exists without overwrite; a partial folder exists without resume or
-                overwrite; a resume whose settings differ from the partial folder's.
+            DataError: `out` exists (a folder, or a non-empty prefix) without overwrite; another
+                encode holds the partial folder; a partial folder with finished shards exists without
+                resume or overwrite; a resume whose settings differ from the partial folder's.
         """
-        if self._exists_out() and not self.overwrite:
-            raise DataError(f"{self.out} already exists; choose another --out or pass --overwrite")
+        existing = self._existing_out()
+        if existing and not self.overwrite:
+            what = "already exists" if not self.url else f"already holds {len(existing)} object(s) ({', '.join(existing[:3])}...)"
+            raise DataError(f"{self.out} {what}; choose another --out or pass --overwrite")
+        self._lock()
         names = self._names()
-        if names and not self.resume:
-            if not self.overwrite:
-                done = sum(1 for n in names if n.endswith(".h5" + RECORD))
-                raise DataError(f"{self.folder} holds an earlier run's output ({done} finished shard(s)); "
-                                "add --resume to continue it, or --overwrite to start again")
+        finished = sum(1 for n in names if n.endswith(".h5" + RECORD))
+        saved = self._saved_job(names)
+        if finished and not self.resume and not self.overwrite:
+            raise DataError(f"{self.folder} holds an earlier run's output ({finished} finished shard(s)); "
+                            "add --resume to continue it, or --overwrite to start again")
+        if finished and self.resume and saved != self.job and not self.overwrite:
+            differ = sorted(k for k in set(self.job) | set(saved or {}) if (saved or {}).get(k) != self.job.get(k))
+            raise DataError(f"{self.folder} was made with other settings ({', '.join(differ)} differ); "
+                            "resume with the same ones, or pass --overwrite to start again")
+        if not finished or saved != self.job or not self.resume:  # nothing to keep: start afresh
             self._remove(names)
             names = {}
-        if names:
-            saved = json.loads(self._read(JOB)) if JOB in names else None
-            if saved != self.job:
-                differ = sorted(k for k in set(self.job) | set(saved or {}) if (saved or {}).get(k) != self.job.get(k))
-                raise DataError(f"{self.folder} was made with other settings ({', '.join(differ)} differ); "
-                                "resume with the same ones, or pass --overwrite to start again")
-        elif not self.url:
-            Path(self.folder).mkdir(parents=True)
+        if not self.url:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
         if JOB not in names:
             job = json.dumps(self.job, indent=2, sort_keys=True).encode()
             if self.url:
@@ -150,6 +165,35 @@ class PartialOutput:
                 (Path(self.folder) / JOB).write_bytes(job)
         return self._verified(names)
 
+    def _saved_job(self, names: dict[str, int]) -> dict | None:
+        try:
+            return json.loads(self._read(JOB)) if JOB in names else None
+        except ValueError:  # torn by a crash: as if absent
+            return None
+
+    def _lock(self) -> None:
+        """One encode at a time into a local output (a second would delete the first's scratch as
+        stray): an flock on `<out>.partial.lock`, held until `close`. Object storage has no such
+        lock: give each running encode its own --out."""
+        if self.url:
+            return
+        path = Path(f"{self.folder}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(path, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise DataError(f"another encode is writing {self.out} (it holds {path}); wait for it, or choose another --out") from None
+
+    def close(self) -> None:
+        """Release the lock (the partial folder stays for a resume unless `finish` published it)."""
+        if getattr(self, "_lock_file", None) is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
     def _verified(self, names: dict[str, int]) -> dict[int, ShardInfo]:
         """The finished shards whose files match their records; the others (and stray scratch) are removed."""
         done: dict[int, ShardInfo] = {}
@@ -157,12 +201,16 @@ class PartialOutput:
             m = _SHARD.match(name[: -len(RECORD)]) if name.endswith(RECORD) else None
             if m is None:
                 continue
-            info = ShardInfo(**json.loads(self._read(name)))
-            if names.get(info.file) == info.size and self._file_sha256(info.file) == info.file_sha256:
+            try:
+                info = ShardInfo(**json.loads(self._read(name)))
+                ok = info.file == name[: -len(RECORD)] and names.get(info.file) == info.size and self._file_sha256(info.file) == info.file_sha256
+            except (ValueError, TypeError):  # a record torn by a crash
+                info, ok = None, False
+            if ok:
                 done[int(m.group(1))] = info
             else:
-                log.warning("%s does not match its record (size or SHA-256): it is computed again", storage.join(self.folder, info.file))
-                self._remove([name, info.file])
+                log.warning("%s does not match its record (size or SHA-256): it is computed again", storage.join(self.folder, m.group(0)))
+                self._remove([name, m.group(0)])
         stray = [n for n in names if n.startswith(".") or (_SHARD.match(n) and int(_SHARD.match(n).group(1)) not in done)]
         self._remove(stray)  # scratch of attempts that died, shards whose record never came
         if done:
@@ -170,25 +218,38 @@ class PartialOutput:
         return done
 
     def finish(self, meta: dict[str, Any], side_files: dict[str, Path]) -> Dataset:
-        """Write dataset.json (`meta`) and the side files, and move the dataset into place."""
+        """Write dataset.json (`meta`) and the side files, and move the dataset into place.
+
+        The records and job.json stay in the partial folder until the dataset is in place, so an
+        encode stopped while publishing (the fsync of every shard) is resumed, not redone.
+        """
         shards = [s["file"] for s in meta["shards"]]
-        if not self.url:
-            folder = Path(self.folder)
-            for name in self._names():
-                if name not in shards:
-                    (folder / name).unlink()
+        bookkeeping = [n for n in self._names() if n == JOB or n.endswith(RECORD) and n != MANIFEST]
+        try:
+            if not self.url:
+                folder = Path(self.folder)
+                for name in self._names():
+                    if name not in shards and name not in bookkeeping:
+                        (folder / name).unlink()
+                for name, path in side_files.items():
+                    shutil.copy2(path, folder / name)
+                published = publish(folder, Path(self.out), meta)
+                for name in bookkeeping:  # now in the published folder: no longer needed
+                    (Path(self.out) / name).unlink(missing_ok=True)
+                return Dataset.open(published.path)
+            replaced = self._old_dataset_files()
+            if MANIFEST in replaced:
+                storage.delete(storage.join(self.out, MANIFEST))
+            for name in shards:  # server-side copies: no shard passes through this process
+                storage.copy(storage.join(self.folder, name), storage.join(self.out, name))
             for name, path in side_files.items():
-                shutil.copy2(path, folder / name)
-            return publish(folder, Path(self.out), meta)
-        before = storage.listing(self.out)
-        if MANIFEST in before:
-            storage.delete(storage.join(self.out, MANIFEST))
-        for name in shards:  # server-side copies: no shard passes through this process
-            storage.copy(storage.join(self.folder, name), storage.join(self.out, name))
-        for name, path in side_files.items():
-            storage.put_file(path, storage.join(self.out, name))
-        storage.put_bytes(storage.join(self.out, MANIFEST), (json.dumps(meta, indent=2) + "\n").encode())
-        for name in set(before) - set(shards) - set(side_files) - {MANIFEST}:
-            storage.delete(storage.join(self.out, name))  # a replaced dataset's leftovers
-        self._remove(self._names())
-        return Dataset.open(self.out)
+                storage.put_file(path, storage.join(self.out, name))
+            storage.put_bytes(storage.join(self.out, MANIFEST), (json.dumps(meta, indent=2) + "\n").encode())
+            for name in set(replaced) - set(shards) - set(side_files) - {MANIFEST}:
+                storage.delete(storage.join(self.out, name))  # the replaced dataset's own leftovers, nothing else
+            self._remove(self._names())
+            return Dataset.open(self.out)
+        finally:
+            self.close()
+            if not self.url and not Path(self.folder).exists():
+                Path(f"{self.folder}.lock").unlink(missing_ok=True)

@@ -23,8 +23,8 @@ from dist_sae.data.dataset import DATASET_KEY, FORMAT, MANIFEST, TOPK_INDICES, T
 class ShardWriter:
     """One HDF5 shard, written block by block; `close()` gives its ShardInfo.
 
-    Dense rows go to `x` (rows, dim). With `top_k`, each row keeps only its K largest values and
-    their columns (`topk_values`, `topk_indices`: (rows, K), columns ascending in each row), which
+    Dense rows go to `x` (rows, dim). With `top_k`, each row keeps only its K values of largest
+    magnitude and their columns (`topk_values`, `topk_indices`: (rows, K), columns ascending in each row), which
     readers expand back to (rows, dim) with zeros elsewhere (dataset.stored_rows). The row hash is
     over the rows as a reader gets them back (C order, stored dtype), whichever layout holds them.
 
@@ -55,16 +55,27 @@ class ShardWriter:
         self.rows = 0
 
     def write(self, rows: np.ndarray) -> None:
-        """Append rows (B, dim); they are cast to the stored dtype (the top K chosen before the cast)."""
+        """Append rows (B, dim); they are cast to the stored dtype (the top K chosen before the cast).
+
+        Raises:
+            DataError: finite values that the cast to a narrower dtype makes infinite.
+        """
+        source = rows
         if self.top_k is None:
-            rows = np.ascontiguousarray(rows, dtype=self.dtype)
+            with np.errstate(over="ignore"):  # an overflow is reported below, as a DataError
+                rows = np.ascontiguousarray(rows, dtype=self.dtype)
             parts = [rows]
         else:
-            cols = np.sort(np.argpartition(-rows, self.top_k - 1, axis=1)[:, : self.top_k], axis=1)  # (B, K)
-            values = np.take_along_axis(rows, cols, axis=1).astype(self.dtype)  # (B, K)
+            # The K of largest magnitude, ties to the lowest column (a stable sort: the same choice on
+            # any machine, so the shard does not depend on which worker wrote it); columns ascending.
+            cols = np.sort(np.argsort(-np.abs(rows), axis=1, kind="stable")[:, : self.top_k], axis=1)  # (B, K)
+            with np.errstate(over="ignore"):
+                values = np.take_along_axis(rows, cols, axis=1).astype(self.dtype)  # (B, K)
             parts = [values, cols.astype(np.int32)]
             rows = np.zeros((len(rows), self.dim), self.dtype)  # what a reader gets back: hashed
             np.put_along_axis(rows, cols, values, axis=1)
+        if self.dtype.itemsize < np.asarray(source).dtype.itemsize and not np.isfinite(parts[0]).all() and np.isfinite(source).all():
+            raise DataError(f"{self.path.name}: values beyond the range of {self.dtype} (e.g. float16's ±65504); store a wider --dtype")
         for column, part in zip(self._columns, parts):
             column.resize(self.rows + len(part), axis=0)
             column[self.rows :] = part

@@ -9,7 +9,9 @@ folder (data/partial.py): `write_code_shard` is what a Ray worker or the single 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,14 +46,25 @@ class CodeJob:
 def plan_shards(shard_sizes: list[int], out_rows: int, block_rows: int) -> list[tuple[WorkUnit, ...]]:
     """The work units of each output shard: shard k is input rows [k·out_rows, (k+1)·out_rows),
     in units of at most block_rows rows (a unit may span input shards, never output shards);
-    unit ids run in row order over the whole plan."""
-    whole = WorkUnit(0, tuple(Span(shard, 0, size) for shard, size in enumerate(shard_sizes) if size))
-    total, plan, uid = sum(shard_sizes), [], 0
+    unit ids run in row order over the whole plan. Linear in the units and input shards."""
+    offsets = list(itertools.accumulate(shard_sizes, initial=0))  # first row of each input shard
+
+    def spans(a: int, b: int) -> tuple[Span, ...]:  # rows [a, b) of the input shards, concatenated
+        out, k = [], bisect.bisect_right(offsets, a) - 1
+        while a < b:
+            while offsets[k + 1] <= a:  # past empty shards
+                k += 1
+            stop = min(b, offsets[k + 1])
+            out.append(Span(k, a - offsets[k], stop - offsets[k]))
+            a = stop
+        return tuple(out)
+
+    total, plan, uid = offsets[-1], [], 0
     for lo in range(0, total, out_rows):
         hi = min(lo + out_rows, total)
         units = []
         for a in range(lo, hi, block_rows):
-            units.append(WorkUnit(uid, whole.slice(a, min(a + block_rows, hi))))
+            units.append(WorkUnit(uid, spans(a, min(a + block_rows, hi))))
             uid += 1
         plan.append(tuple(units))
     return plan

@@ -80,11 +80,35 @@ def test_a_stopped_encode_resumes_computing_only_the_missing_shards(trained, tmp
         encode_dataset(root / "run", root / "uneven", tmp_path / "codes", **kw)
     with pytest.raises(DataError, match="made with other settings .*rows_per_shard"):
         encode_dataset(root / "run", root / "uneven", tmp_path / "codes", resume=True, local=True, shard_rows=200)
+    with pytest.raises(DataError, match="made with other settings .*compute_dtype"):
+        encode_dataset(root / "run", root / "uneven", tmp_path / "codes", resume=True, overrides=["compute.dtype=float32"], **kw)
     stored = []
     result = encode_dataset(root / "run", root / "uneven", tmp_path / "codes", resume=True, on_shard=lambda k, r: stored.append(k), **kw)
     assert (result.computed, result.kept) == (7, 3) and stored == list(range(3, 10))
     assert result.dataset.fingerprint == whole.fingerprint
     np.testing.assert_array_equal(read_all(tmp_path / "codes"), read_all(tmp_path / "whole"))
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["dataset.json"] + [f"shard-{k:05d}.h5" for k in range(10)]
+    assert not (tmp_path / "codes.partial").exists() and not (tmp_path / "codes.partial.lock").exists()
+
+
+def test_overwrite_starts_over_from_a_partial_folder_made_with_other_settings(trained, tmp_path):
+    root, _ = trained
+    with pytest.raises(Interrupted):
+        encode_dataset(root / "run", root / "uneven", tmp_path / "codes", local=True, shard_rows=100, on_shard=_stop_after(2))
+    for resume in (False, True):
+        result = encode_dataset(root / "run", root / "uneven", tmp_path / "codes", local=True, shard_rows=300, overwrite=True, resume=resume)
+        assert (result.computed, result.kept) == (4, 0) and [s.rows for s in result.dataset.shards] == [300, 300, 300, 100]
+
+
+def test_one_encode_at_a_time_writes_a_local_output(trained, tmp_path):
+    from dist_sae.data.partial import PartialOutput
+
+    first = PartialOutput(tmp_path / "codes", {"a": 1})
+    assert first.start() == {}
+    with pytest.raises(DataError, match="another encode is writing .*codes"):
+        PartialOutput(tmp_path / "codes", {"a": 1}, resume=True).start()
+    first.close()
+    assert PartialOutput(tmp_path / "codes", {"a": 1}, resume=True).start() == {}  # released: an empty partial starts afresh
 
 
 def test_a_shard_corrupted_before_the_resume_is_detected_and_recomputed(trained, tmp_path):
@@ -92,14 +116,15 @@ def test_a_shard_corrupted_before_the_resume_is_detected_and_recomputed(trained,
     kw = {"local": True, "shard_rows": 250}
     whole = encode_dataset(root / "run", root / "uneven", tmp_path / "whole", **kw).dataset
     with pytest.raises(Interrupted):
-        encode_dataset(root / "run", root / "uneven", tmp_path / "codes", on_shard=_stop_after(2), **kw)
+        encode_dataset(root / "run", root / "uneven", tmp_path / "codes", on_shard=_stop_after(3), **kw)
     shard = tmp_path / "codes.partial" / "shard-00001.h5"
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF  # same size, other bytes: only the SHA-256 tells
     shard.write_bytes(bytes(data))
+    (tmp_path / "codes.partial" / "shard-00000.h5.json").write_text("")  # a record torn by a crash
     stored = []
     result = encode_dataset(root / "run", root / "uneven", tmp_path / "codes", resume=True, on_shard=lambda k, r: stored.append(k), **kw)
-    assert (result.computed, result.kept) == (3, 1) and stored == [1, 2, 3]
+    assert (result.computed, result.kept) == (3, 1) and stored == [0, 1, 3]
     assert result.dataset.fingerprint == whole.fingerprint
 
 
@@ -115,16 +140,18 @@ def test_sigterm_from_the_cli_exits_143_with_the_resume_command_that_finishes_it
 
     watcher = threading.Thread(target=terminate_when_two_shards_are_stored, daemon=True)
     watcher.start()
+    out.mkdir()  # an earlier output, replaced only with --overwrite
     argv = ["encode", "--local", "--quiet", "--model", str(root / "run"), "--data", str(root / "uneven"), "--out", str(out),
-            "--shard-rows", "5", "--dtype", "float32"]
+            "--shard-rows", "5", "--dtype", "float32", "--chunk-rows", "4", "--overwrite"]
     assert main(argv) == 143
     watcher.join(5)
     err = capsys.readouterr().err
     assert "encode stopped on SIGTERM:" in err and "of 200 shards are finished" in err, err
     command = err.split("resume with: ")[1].strip()
+    assert "--chunk-rows 4" in command and "--overwrite" in command
     assert main(shlex.split(command)[1:]) == 0
     assert "finished shard(s) kept from the earlier run" in capsys.readouterr().out
-    assert Dataset.open(out).rows == 1000 and Dataset.open(out).dtype == "float32"
+    assert Dataset.open(out).rows == 1000 and Dataset.open(out).dtype == "float32" and Dataset.open(out).chunk_rows() == 4
 
 
 def test_top_k_layout_reads_back_as_the_dense_codes_with_zeros_elsewhere(trained, tmp_path):
@@ -134,7 +161,7 @@ def test_top_k_layout_reads_back_as_the_dense_codes_with_zeros_elsewhere(trained
     meta = json.loads((tmp_path / "sparse" / "dataset.json").read_text())
     assert meta["layout"] == {"kind": "topk", "k": 3, "values": "topk_values", "indices": "topk_indices"}
     # an independent reference: the 3 largest of each row kept, the rest zero
-    keep = np.argsort(-codes, axis=1, kind="stable")[:, :3]
+    keep = np.argsort(-np.abs(codes), axis=1, kind="stable")[:, :3]
     want = np.zeros_like(codes, dtype=np.float32)
     np.put_along_axis(want, keep, np.take_along_axis(codes, keep, axis=1).astype(np.float32), axis=1)
     np.testing.assert_array_equal(read_all(tmp_path / "sparse"), want)
@@ -159,3 +186,39 @@ def test_float16_codes_and_the_output_options(trained, tmp_path):
     assert ds.dtype == "float16" and [s.rows for s in ds.shards][:2] == [125, 125]  # 2,000 bytes / (8 × 2 bytes per row)
     np.testing.assert_array_equal(read_all(tmp_path / "half"), dist_sae.load(root / "run").encode(x).astype(np.float16))
     assert check_dataset(tmp_path / "half") == []
+
+
+def test_top_k_keeps_the_largest_magnitudes_ties_to_the_lowest_column_and_narrowing_never_overflows(tmp_path):
+    from dist_sae.data.writer import ShardWriter
+
+    rows = np.array([[0.0, -3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])  # linear codes; a row of ties
+    writer = ShardWriter(tmp_path / "s.h5", 5, "float32", top_k=2)
+    writer.write(rows)
+    writer.close()
+    import h5py
+
+    from dist_sae.data.dataset import stored_rows
+
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        np.testing.assert_array_equal(f["topk_indices"][:], [[1, 3], [0, 1]])
+        np.testing.assert_array_equal(stored_rows(f)[0:2], [[0, -3, 0, 2, 0], [1, 1, 0, 0, 0]])
+    half = ShardWriter(tmp_path / "h.h5", 2, "float16")
+    with pytest.raises(DataError, match="beyond the range of float16"):
+        half.write(np.array([[1.0, 70000.0]]))
+    half.abort()
+
+
+def test_encode_to_object_storage_leaves_other_objects_under_the_prefix_alone(trained, tmp_path, local_s3):
+    from dist_sae.data import storage
+
+    pytest.importorskip("obstore")
+    root, _ = trained
+    local_s3.create_bucket("dsae-enc")
+    storage.put_bytes("s3://dsae-enc/proj/notes.txt", b"mine")
+    with pytest.raises(DataError, match="already holds 1 object"):
+        encode_dataset(root / "run", root / "uneven", "s3://dsae-enc/proj", local=True)
+    encode_dataset(root / "run", root / "uneven", "s3://dsae-enc/proj", local=True, overwrite=True, shard_rows=500)
+    again = encode_dataset(root / "run", root / "uneven", "s3://dsae-enc/proj", local=True, overwrite=True, shard_rows=300).dataset
+    names = sorted(storage.listing("s3://dsae-enc/proj"))
+    assert names == ["dataset.json", "notes.txt"] + [f"shard-0000{k}.h5" for k in range(4)]  # the old 2 shards replaced
+    np.testing.assert_array_equal(read_all(again.url), read_all(encode_dataset(root / "run", root / "uneven", tmp_path / "ref", local=True).dataset.path))
