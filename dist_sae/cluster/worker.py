@@ -85,12 +85,24 @@ class Worker:
         self.delay_s = delay_s
         device = resolve_device(cfg.compute.device, gpus)
         self.runner = PassRunner(cfg, dataset_path, device, threads)
+        # OpenMP's (and MKL's) thread count is a per-thread setting, and Ray runs this actor's calls
+        # on pool threads that never set it. Seen: a unit's sums depended on which of them ran it
+        # (its products threaded or not), so two runs of one config, or Ray and --local, differed
+        # in the last bit (blocks of 1,000 rows, 12-6-12; test_cluster). Every call sets the count
+        # on its own thread first (_own_threads), as the parameter server does.
+        self.threads = threads
         self._compute = threading.Lock()  # one unit computes at a time; the other call reads
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-encode-read")  # an encode shard's next unit, read ahead
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-encode-read",
+                                         initializer=self._own_threads)  # an encode shard's next unit, read ahead
         self._g_key: object = None
         self._fault: tuple[str, int] | None = None  # test-only: (exit | hang, units left before it)
         self._node = _node_id()
         self._pid = os.getpid()  # in each unit's stats: a killed worker's probe must not be answered by its old process
+
+    def _own_threads(self) -> None:
+        """Give the calling thread this worker's torch thread count (see __init__)."""
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
 
     def inject_fault(self, after_units: int, kind: str = "exit") -> None:
         """Test-only fault knob: after `after_units` more units, fail inside the next one.
@@ -162,6 +174,7 @@ class Worker:
             (unit id, float64 sums incl. "rows", {"read_s", "compute_s"}).
         """
         t0 = time.perf_counter()
+        self._own_threads()  # load converts (data.transform), compute multiplies: both on this thread
         unit = WorkUnit.from_flat(unit)
         # Outside the lock, so it overlaps the other call's compute: HDF5 (or the worker's block
         # cache, data.cache_mb), data.transform, conversion to the compute dtype and device.
@@ -211,6 +224,7 @@ class Worker:
         """Compute output shard `shard` from its units (WorkUnit.flat()) and store it in job.folder
         (train/codes.py); its ShardInfo as a dict. The evaluator sends one shard at a time; the
         next unit of the shard is read ahead on this worker's read thread while one computes."""
+        self._own_threads()
 
         def compute(block):
             with self._compute:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import h5py
 import numpy as np
 import pytest
 
 from dist_sae.session import LocalSession, initial_theta
 from dist_sae.api import train
-from dist_sae.data.dataset import Dataset
+from dist_sae.data.dataset import DATASET_KEY, Dataset
 from dist_sae.data.workunit import WorkUnit
+from dist_sae.train.codes import CodeJob
 from dist_sae.train.passes import PassRunner
 from dist_sae.train.problem import LocalEvaluator, PassProblem, local_problem
 from dist_sae.train.inputs import bind_dataset
@@ -121,7 +123,7 @@ def test_worker_count_and_gpu_placement_rules(data):
         check_placement(cfg.with_overrides({"compute.device": "cuda"}), {"CPU": 8.0})
 
 
-def test_plain_worker_matches_the_pass_runner_without_ray(data):
+def test_plain_worker_matches_the_pass_runner_without_ray(data, tmp_path):
     cfg = ray_config(data)
     ds = Dataset.open(data)
     theta = initial_theta(cfg, None)
@@ -135,10 +137,30 @@ def test_plain_worker_matches_the_pass_runner_without_ray(data):
     assert uid == unit.id and set(stats) >= {"read_s", "compute_s"}
     for key in expected:
         np.testing.assert_array_equal(sums[key], expected[key])
-    _, codes = worker.transform("encode", unit.flat(), "k", theta)
-    assert codes.shape == (unit.rows, 6)
+    # Encode: the worker stores the unit's codes as output shard 0 of a partial folder.
+    folder = tmp_path / "codes.partial"
+    folder.mkdir()
+    job = CodeJob("encode", 1, 6, "float64", str(folder))
+    info = worker.write_codes(job, 0, [unit.flat()], "k", theta)
+    assert (info["file"], info["rows"]) == ("shard-00000.h5", unit.rows)
+    with h5py.File(folder / info["file"], "r") as f:
+        np.testing.assert_array_equal(f[DATASET_KEY][:], runner.transform("encode", runner.load(unit), 1))
     worker.close()
     runner.close()
+
+
+@pytest.mark.ray
+def test_ray_training_equals_local_bit_for_bit_on_blocks_where_gemms_thread(ray_session, tmp_path):
+    """Blocks of 1,000 rows: products large enough that MKL threads them where a thread allows it.
+    The worker's Ray pool threads once kept the process's starting thread count (every core),
+    so θ changed in the last bit from run to run; each call now sets its own thread's count."""
+    make_dataset(tmp_path / "d", random_rows(8000, 12, seed=4), shard_rows=2000, dtype="float32")
+    thetas = []
+    for i, (engine, workers) in enumerate([("local", 1), ("ray", 1), ("ray", 2), ("ray", 2)]):
+        cfg = config(tmp_path / "d", run__out=str(tmp_path / f"run{i}"), workers__engine=engine, workers__num=workers,
+                     workers__unit_timeout_s=60, model__hidden=[6], optim__steps=3, data__block_rows=1000)
+        thetas.append(train(cfg).theta)
+    assert all(np.array_equal(theta, thetas[0]) for theta in thetas[1:]), [float(np.abs(t - thetas[0]).max()) for t in thetas]
 
 
 def test_plain_worker_on_two_threads_reuses_a_few_buffers_and_sums_as_the_runner(tmp_path):
