@@ -62,6 +62,7 @@ def write_hf_parquet(path: Path, images: list[bytes]) -> Path:
     """Hugging Face `datasets`: an Image column ({bytes, path} struct) written by to_parquet."""
     from datasets import Dataset, Image as HFImage
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds = Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "label": list(range(len(images)))})
     ds.cast_column("image", HFImage()).to_parquet(str(path))
     return path
@@ -72,6 +73,7 @@ def write_arrow_parquet(path: Path, images: list[bytes], row_group_size: int, co
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"id": list(range(len(images))), column: pa.array(images, type=pa.binary())})
     pq.write_table(table, str(path), row_group_size=row_group_size)
     return path

@@ -79,7 +79,9 @@ class RecordSource(Source):
                 self.dim = int(np.prod(shape))
                 self.preprocessing += image_steps(self.mode, self.size, self.fit, self.draft, self.scale)
                 return
-        raise DataError(f"{self.path}: none of the records of its {len(self.parts)} {self.kind} file(s) holds an image that can be decoded")
+        first = next(iter(self.skipped.items()), None)
+        why = f" (the first problem: {first[0]}: {first[1]})" if first else ""
+        raise DataError(f"{self.path}: none of the records of its {len(self.parts)} {self.kind} file(s) holds an image that can be decoded{why}")
 
     def skip(self, name: str, exc: BaseException) -> None:
         if name not in self.skipped:
