@@ -1,0 +1,208 @@
+"""Benchmark: building from WebDataset tars and Parquet, in one process and on Ray (JSON out).
+
+    python -m dist_sae.bench.sources --images 20000 --size 256 256 --workers 2 --json docs/sources_bench.json
+
+The same N JPEGs (dist_sae.bench.build.make_image_folder) are packed as WebDataset tars (1,000
+records of key.jpg + key.cls each) and as Parquet files (1,000 rows each in row groups of 100, the
+Hugging Face Image layout: a struct column `image` of {bytes, path}), then built to 32×32 gray:
+  (a) `pillow`: Pillow alone in one process (open, decode, gray, resize, to NumPy): the rate per core;
+  `single` / `ray`: dist_sae's build in one process / as Ray tasks on --workers workers (warm Ray),
+      shards written and hashed; both must give the same fingerprint;
+  (b) `ray_data`: the Ray Data peer (read_webdataset / read_parquet + map_batches decoding and
+      resizing the same way), rows consumed, nothing written (dist_sae.cluster.build).
+Targets on 2 cores: ray / workers >= 0.8 x (a), ray >= 1.0 x (b). Also: the tar reader (tarfile
+against the webdataset package, members/s, no decoding), `--decode draft` against the exact decode on
+1024×1024 JPEGs (rates and pixel difference), and a build process's peak RSS sampled from outside
+(/proc) at 1× and 8× the records per tar / Parquet file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dist_sae.bench.build import best_of, make_image_folder, pillow_rate, timed_build
+from dist_sae.bench.rss_tree import run_sampled
+from dist_sae.bench.safety import emit
+from dist_sae.data.images import decode_image, list_images
+from dist_sae.data.parquet import ParquetSource
+from dist_sae.data.wds import WebDatasetSource
+
+log = logging.getLogger(__name__)
+
+PER_FILE = 1000  # records per tar and rows per Parquet file
+ROW_GROUP = 100  # rows per Parquet row group (the Hugging Face writer's size for image sets)
+
+
+def pack(files: list[Path], out: Path, per_file: int = PER_FILE, row_group: int = ROW_GROUP) -> tuple[list[str], list[str]]:
+    """The files as WebDataset tars (tarfile: key.cls then key.jpg, as TarWriter orders them) and as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "wds").mkdir(parents=True)
+    (out / "parquet").mkdir(parents=True)
+    tars, parquets = [], []
+    for k, start in enumerate(range(0, len(files), per_file)):
+        chunk = files[start:start + per_file]
+        blobs = [f.read_bytes() for f in chunk]
+        tar = out / "wds" / f"train-{k:06d}.tar"
+        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i, data in enumerate(blobs):
+                for ext, payload in (("cls", str((start + i) % 10).encode()), ("jpg", data)):
+                    info = tarfile.TarInfo(f"{start + i:07d}.{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+        tars.append(str(tar))
+        image = pa.StructArray.from_arrays([pa.array(blobs, pa.binary()), pa.array([None] * len(blobs), pa.string())], ["bytes", "path"])
+        path = out / "parquet" / f"train-{k:05d}.parquet"
+        pq.write_table(pa.table({"image": image, "label": [(start + i) % 10 for i in range(len(blobs))]}), path, row_group_size=row_group)
+        parquets.append(str(path))
+    return tars, parquets
+
+
+def tar_reader_rates(tars: list[str]) -> dict:
+    """Members/s (and MB/s) of reading every member's bytes: tarfile's stream mode against the webdataset package."""
+    t = time.perf_counter()
+    members = nbytes = 0
+    for path in tars:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
+            for info in tf:
+                tf.members = []
+                if info.isfile():
+                    nbytes += len(tf.extractfile(info).read())
+                    members += 1
+    out = {"tarfile_members_per_s": round(members / (time.perf_counter() - t), 1), "tarfile_mb_per_s": round(nbytes / 1e6 / (time.perf_counter() - t), 1)}
+    try:
+        from webdataset.tariterators import tar_file_iterator
+    except ImportError as exc:
+        return {**out, "webdataset": f"not measured: {exc}"}
+    t = time.perf_counter()
+    count = 0
+    for path in tars:
+        with open(path, "rb") as fh:
+            count += sum(1 for _ in tar_file_iterator(fh))
+    seconds = time.perf_counter() - t
+    out.update(webdataset_members_per_s=round(count / seconds, 1), webdataset_mb_per_s=round(nbytes / 1e6 / seconds, 1))
+    out["tarfile_over_webdataset"] = round(out["tarfile_members_per_s"] / out["webdataset_members_per_s"], 3)
+    return out
+
+
+def draft_case(folder: Path, count: int, to: tuple[int, int]) -> dict:
+    """`--decode draft` against the exact decode on `count` 1024×1024 JPEGs: images/s of each, pixel difference."""
+    if not folder.is_dir() or len(list_images(folder)) < count:
+        make_image_folder(folder, count, (1024, 1024), seed=7)
+    blobs = [f.read_bytes() for f in list_images(folder)]
+    rates, rows = {}, {}
+    for name, draft in (("exact", False), ("draft", True), ("exact_again", False), ("draft_again", True)):
+        t = time.perf_counter()
+        rows[name.split("_")[0]] = np.stack([decode_image(b, "gray", to, draft=draft) for b in blobs])
+        rates[name] = len(blobs) / (time.perf_counter() - t)
+    exact, draft = max(rates["exact"], rates["exact_again"]), max(rates["draft"], rates["draft_again"])
+    diff = np.abs(rows["exact"] - rows["draft"])
+    return {"images": len(blobs), "size": [1024, 1024], "to": list(to), "exact_per_s": round(exact, 1), "draft_per_s": round(draft, 1),
+            "draft_over_exact": round(draft / exact, 3), "max_abs_diff": round(float(diff.max()), 4), "mean_abs_diff": round(float(diff.mean()), 5),
+            "rmse": round(float(np.sqrt((diff ** 2).mean())), 5), "scale": "pixels in [0, 1]"}
+
+
+def rss_case(files: list[Path], work: Path, records: int, to: tuple[int, int]) -> dict:
+    """Peak RSS (from outside) of `dist-sae data build` in one process: 1 tar / Parquet file of `records`
+    records against 1 of 8x as many (the 8x input built from the same images, repeated)."""
+    out: dict = {}
+    for factor in (1, 8):
+        chosen = [files[i % len(files)] for i in range(records * factor)]
+        tars, parquets = pack(chosen, work / f"rss{factor}", per_file=len(chosen))
+        for kind, path in (("webdataset", tars[0]), ("parquet", parquets[0])):
+            cmd = [sys.executable, "-m", "dist_sae", "data", "build", "--from", kind, path, "--size", *map(str, to),
+                   "--block-rows", "256", "--out", str(work / f"rss-{kind}-{factor}"), "-q"]  # both sizes many blocks
+            run = run_sampled(cmd, 0.02)
+            out.setdefault(kind, {})[f"{factor}x"] = {"records": len(chosen), "input_mb": round(os.path.getsize(path) / 1e6, 1),
+                                                       "peak_rss_mb": round(run["largest_peak_mb"], 1), "seconds": round(run["seconds"], 2)}
+    for kind in ("webdataset", "parquet"):
+        out[kind]["8x_over_1x"] = round(out[kind]["8x"]["peak_rss_mb"] / out[kind]["1x"]["peak_rss_mb"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="bench_sources", description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=20000, help="JPEGs (default 20000)")
+    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="their size (default 256 256)")
+    p.add_argument("--to", type=int, nargs=2, default=[32, 32], metavar=("H", "W"), help="built to this size, gray (default 32 32)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
+    p.add_argument("--repeat", type=int, default=2, help="interleaved runs of each case; the best rate of each is kept")
+    p.add_argument("--draft-images", type=int, default=200, help="1024x1024 JPEGs for the draft case")
+    p.add_argument("--rss-records", type=int, default=1000, help="records per tar / Parquet file at 1x in the RSS case (0: skip)")
+    p.add_argument("--dir", help="work folder (kept: the inputs are made once and reused; default a temporary one, removed)")
+    p.add_argument("--json", help="write the JSON here too")
+    args = p.parse_args(argv)
+
+    from dist_sae.cluster.build import ray_data_records_rate, ray_runner
+    from dist_sae.cluster.runtime import connect, stop_local
+    from dist_sae.config import WorkersConfig
+
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="dsae-bench-sources-"))
+    size, to = tuple(args.size), tuple(args.to)
+    folder = work / f"images-{args.images}-{size[0]}x{size[1]}"
+    packed = work / f"packed-{args.images}-{size[0]}x{size[1]}"
+    t = time.perf_counter()
+    if not folder.is_dir() or len(list_images(folder)) < args.images:
+        shutil.rmtree(folder, ignore_errors=True)
+        make_image_folder(folder, args.images, size)
+    files = list_images(folder)[: args.images]
+    if not packed.is_dir():
+        pack(files, packed)
+    tars = sorted(str(p) for p in (packed / "wds").glob("*.tar"))
+    parquets = sorted(str(p) for p in (packed / "parquet").glob("*.parquet"))
+    result: dict = {"images": len(files), "size": list(size), "to": list(to), "workers": args.workers, "cpus": os.cpu_count(),
+                    "tars": len(tars), "parquet_files": len(parquets), "row_group": ROW_GROUP, "inputs_s": round(time.perf_counter() - t, 1),
+                    "input_mb": {"webdataset": round(sum(map(os.path.getsize, tars)) / 1e6, 1), "parquet": round(sum(map(os.path.getsize, parquets)) / 1e6, 1)},
+                    "loadavg_start": os.getloadavg()}
+    started = None
+    scratch = Path(tempfile.mkdtemp(prefix="dsae-bench-sources-out-"))
+    try:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as dist_sae.bench.build: equal priority with the single process
+        started = connect(WorkersConfig(), dashboard=False, num_cpus=args.workers)
+        runner = ray_runner(workers=args.workers)
+        timed_build(WebDatasetSource(tars[0], size=to), scratch / "warm", runner)  # workers' imports, as a session has them
+        sources = {"webdataset": lambda: WebDatasetSource(str(packed / "wds"), size=to),
+                   "parquet": lambda: ParquetSource(str(packed / "parquet"), size=to)}
+        for kind, make in sources.items():
+            def case(make=make, kind=kind):
+                single_s, single_cpu, single_fp = timed_build(make(), scratch / f"{kind}-single")
+                ray_s, ray_cpu, ray_fp = timed_build(make(), scratch / f"{kind}-ray", runner)
+                n = len(files)  # per CPU second: the process tree's, Ray's idle processes included
+                return {"pillow": pillow_rate(files, to), "single": n / single_s, "ray": n / ray_s,
+                        "single_per_cpu_s": n / single_cpu, "ray_per_cpu_s": n / ray_cpu}, single_fp == ray_fp
+
+            best = best_of(case, args.repeat)
+            peer = ray_data_records_rate(kind, tars if kind == "webdataset" else parquets, to, args.workers)
+            best["ray_data"] = round(peer, 1) if isinstance(peer, float) else peer
+            best["ray_per_core_over_pillow"] = round(best["ray"] / args.workers / best["pillow"], 3)
+            if isinstance(peer, float):
+                best["ray_over_ray_data"] = round(best["ray"] / peer, 3)
+            result[kind] = best
+        result["tar_reader"] = tar_reader_rates(tars)
+        result["draft"] = draft_case(work / f"draft-{args.draft_images}", args.draft_images, to)
+        if args.rss_records:
+            result["rss"] = rss_case(files, scratch, args.rss_records, to)
+    finally:
+        if started == "started":
+            stop_local()
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_end"] = os.getloadavg()
+    return emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
