@@ -195,3 +195,16 @@ def test_object_storage_reads_in_place_with_the_local_result(inputs, local_s3, t
     assert not cached  # read in place: no local copy of the input
     rc = main(["data", "build", "--from", "webdataset", f"{bucket}/wds/nope-*.tar", "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_build_process_peak_rss_does_not_grow_with_the_tar_or_parquet_file(tmp_path):
+    """The benchmark's RSS case at a small size: /proc of the build process sampled from outside,
+    one tar / Parquet file of 300 records against one of 2,400 (docs/sources_bench.json: 1,000 vs 8,000)."""
+    from dist_sae.bench.build import make_image_folder
+    from dist_sae.bench.sources import rss_case
+    from dist_sae.data.images import list_images
+
+    files = list_images(make_image_folder(tmp_path / "jpegs", 60, (96, 96)))
+    rss = rss_case(files, tmp_path, 300, (16, 16))
+    assert rss["webdataset"]["8x"]["input_mb"] > 7 * rss["webdataset"]["1x"]["input_mb"]
+    assert rss["webdataset"]["8x_over_1x"] <= 1.15 and rss["parquet"]["8x_over_1x"] <= 1.15, rss
