@@ -208,3 +208,32 @@ def test_a_build_process_peak_rss_does_not_grow_with_the_tar_or_parquet_file(tmp
     rss = rss_case(files, tmp_path, 300, (16, 16))
     assert rss["webdataset"]["8x"]["input_mb"] > 7 * rss["webdataset"]["1x"]["input_mb"]
     assert rss["webdataset"]["8x_over_1x"] <= 1.15 and rss["parquet"]["8x_over_1x"] <= 1.15, rss
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
+    """dist_sae's member reader against the standard library's on the three tar formats, long names included."""
+    import io
+    import tarfile
+
+    from dist_sae.data.wds import tar_members
+
+    path = tmp_path / "t.tar"
+    rng = np.random.default_rng(0)
+    names = ["a/000001.jpg", "a/000001.cls", "d" * 60 + "/" + "k" * 90 + ".png", "é/x.seg.png", "big.bin"]
+    if fmt == "ustar":
+        names[2], names[3] = "d" * 60 + "/" + "k" * 40 + ".png", "e/x.seg.png"  # ustar: ASCII, name + prefix only
+    with tarfile.open(path, "w", format={"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]) as tf:
+        d = tarfile.TarInfo("a")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for n in names:
+            data = rng.bytes(int(rng.integers(0, 3000)) if n != "big.bin" else 70000)
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        ref = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    with open(path, "rb") as fh:
+        got = [(name, read()) for name, _, read in tar_members(fh)]
+    assert got == ref and [n for n, _ in got] == names
