@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_sae.bench.build import best_of, make_image_folder, pillow_rate, timed_build
+from dist_sae.bench.build import make_image_folder, pillow_rate, timed_build
 from dist_sae.bench.rss_tree import run_sampled
 from dist_sae.bench.safety import emit
 from dist_sae.data.images import decode_image, list_images
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="their size (default 256 256)")
     p.add_argument("--to", type=int, nargs=2, default=[32, 32], metavar=("H", "W"), help="built to this size, gray (default 32 32)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
-    p.add_argument("--repeat", type=int, default=2, help="interleaved runs of each case; the best rate of each is kept")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; the best rate of each is kept")
     p.add_argument("--draft-images", type=int, default=200, help="1024x1024 JPEGs for the draft case")
     p.add_argument("--rss-records", type=int, default=1000, help="records per tar / Parquet file at 1x in the RSS case (0: skip)")
     p.add_argument("--dir", help="work folder (kept: the inputs are made once and reused; default a temporary one, removed)")
@@ -218,23 +218,41 @@ def main(argv: list[str] | None = None) -> dict:
         started = connect(WorkersConfig(), dashboard=False, num_cpus=args.workers)
         runner = ray_runner(workers=args.workers)
         timed_build(WebDatasetSource(tars[0], size=to), scratch / "warm", runner)  # workers' imports, as a session has them
-        sources = {"webdataset": lambda: WebDatasetSource(str(packed / "wds"), size=to),
-                   "parquet": lambda: ParquetSource(str(packed / "parquet"), size=to)}
-        for kind, make in sources.items():
-            def case(make=make, kind=kind):
+        timed_build(ParquetSource(parquets[0], size=to), scratch / "warm-parquet", runner)
+        sources = {"webdataset": (lambda: WebDatasetSource(str(packed / "wds"), size=to), tars),
+                   "parquet": (lambda: ParquetSource(str(packed / "parquet"), size=to), parquets)}
+        n = len(files)
+
+        def round_():
+            """One round: Pillow, then each kind's single, Ray and Ray Data runs, back to back, so
+            that load from other processes falls on all of them alike."""
+            rates, same = {"pillow": pillow_rate(files, to)}, {}
+            for kind, (make, paths) in sources.items():
                 single_s, single_cpu, single_fp = timed_build(make(), scratch / f"{kind}-single")
                 ray_s, ray_cpu, ray_fp = timed_build(make(), scratch / f"{kind}-ray", runner)
-                n = len(files)  # per CPU second: the process tree's, Ray's idle processes included
-                return {"pillow": pillow_rate(files, to), "single": n / single_s, "ray": n / ray_s,
-                        "single_per_cpu_s": n / single_cpu, "ray_per_cpu_s": n / ray_cpu}, single_fp == ray_fp
+                peer = ray_data_records_rate(kind, paths, to, args.workers)
+                rates.update({f"{kind}_single": n / single_s, f"{kind}_ray": n / ray_s, f"{kind}_single_per_cpu_s": n / single_cpu,
+                              f"{kind}_ray_per_cpu_s": n / ray_cpu})  # per CPU second of the process tree, Ray's idle processes included
+                if isinstance(peer, float):
+                    rates[f"{kind}_ray_data"] = peer
+                else:
+                    result[f"{kind}_ray_data_note"] = peer
+                same[kind] = single_fp == ray_fp
+            return rates, same
 
-            best = best_of(case, args.repeat)
-            peer = ray_data_records_rate(kind, tars if kind == "webdataset" else parquets, to, args.workers)
-            best["ray_data"] = round(peer, 1) if isinstance(peer, float) else peer
-            best["ray_per_core_over_pillow"] = round(best["ray"] / args.workers / best["pillow"], 3)
-            if isinstance(peer, float):
-                best["ray_over_ray_data"] = round(best["ray"] / peer, 3)
-            result[kind] = best
+        runs = [round_() for _ in range(args.repeat)]
+        best = {k: max(r[0][k] for r in runs) for k in runs[0][0]}  # the least disturbed run of each
+        result["runs"] = [{k: round(v, 1) for k, v in r[0].items()} for r in runs]
+        for kind in sources:
+            got = {"pillow": best["pillow"], **{k[len(kind) + 1:]: v for k, v in best.items() if k.startswith(kind + "_")}}
+            got = {k: round(v, 1) for k, v in got.items()}
+            got.update(single_over_pillow=round(got["single"] / got["pillow"], 3), ray_over_single=round(got["ray"] / got["single"], 3),
+                       ray_per_core_over_pillow=round(got["ray"] / args.workers / got["pillow"], 3),
+                       ray_cpu_efficiency=round(got["ray_per_cpu_s"] / got["single_per_cpu_s"], 3),
+                       same_fingerprint=all(r[1][kind] for r in runs))
+            if "ray_data" in got:
+                got["ray_over_ray_data"] = round(got["ray"] / got["ray_data"], 3)
+            result[kind] = got
         result["tar_reader"] = tar_reader_rates(tars)
         result["draft"] = draft_case(work / f"draft-{args.draft_images}", args.draft_images, to)
         if args.rss_records:

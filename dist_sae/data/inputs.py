@@ -105,7 +105,18 @@ class RangedReader(io.RawIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        return bytes(_call(self.url, self._file.read, None if size is None or size < 0 else size))
+        """Up to `size` bytes, fewer only at the end of the object: obstore's read stops at the end of
+        its buffer, and readers of a stream (the tar reader) take a short read for the end."""
+        if size is None or size < 0:
+            return bytes(_call(self.url, self._file.read))
+        parts, got = [], 0
+        while got < size:
+            part = _call(self.url, self._file.read, size - got)
+            if not part:
+                break
+            parts.append(bytes(part))
+            got += len(parts[-1])
+        return b"".join(parts)
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
@@ -119,10 +130,10 @@ class RangedReader(io.RawIOBase):
         return self._file.tell()
 
 
-def open_input(location: str, size: int | None = None):
+def open_input(location: str, size: int | None = None, buffer_size: int = READ_BUFFER):
     """A binary file object over a local file or an object (read in place, never downloaded whole)."""
     if is_url(location):
-        return RangedReader(location, size)
+        return RangedReader(location, size, buffer_size)
     try:
         return open(location, "rb")
     except OSError as exc:

@@ -167,6 +167,13 @@ def image_patches(img: np.ndarray, patch: int, count: int, rng: np.random.Genera
     return windows[rows, cols].reshape(count, patch * patch)
 
 
+def seeded_patches(img: np.ndarray, where: str, patch: int, count: int, seed: int, index: int, whiten: bool) -> np.ndarray:
+    """Image `index`'s share of patches (the per-image rule): whitened (if asked), from default_rng([seed, index])."""
+    if min(img.shape) < patch:
+        raise DataError(f"{where} is {img.shape[1]}x{img.shape[0]}, smaller than the {patch}x{patch} patches")
+    return image_patches(whiten_image(img) if whiten else img, patch, count, np.random.default_rng([seed, index]))
+
+
 class FolderPatchSource(FileList, Source):
     """Patches of an image folder, seeded per image (see the module docstring for the rule).
 
@@ -220,9 +227,7 @@ class FolderPatchSource(FileList, Source):
                     self.skipped[rel] = f"{type(exc).__name__}: {exc}"
                     log.warning("skipping %s: cannot decode it (%s)", f, exc)
                     continue
-                if min(img.shape) < self.patch:
-                    raise DataError(f"{f} is {img.shape[1]}x{img.shape[0]}, smaller than the {self.patch}x{self.patch} patches")
-                yield image_patches(whiten_image(img) if self.whiten else img, self.patch, int(self.per_file[i]), np.random.default_rng([self.seed, i]))
+                yield seeded_patches(img, str(f), self.patch, int(self.per_file[i]), self.seed, i, self.whiten)
 
         yield from reblock(per_image(), block_rows)
 
@@ -291,9 +296,7 @@ class RecordPatchSource(Source):
                     except Exception as exc:  # the record is listed; its patches are missing, as a folder's bad file's
                         self.records.skip(name, exc)
                         continue
-                    if min(img.shape) < self.patch:
-                        raise DataError(f"{self.path}: {name} is {img.shape[1]}x{img.shape[0]}, smaller than the {self.patch}x{self.patch} patches")
-                    yield image_patches(whiten_image(img) if self.whiten else img, self.patch, int(self.per_record[i]), np.random.default_rng([self.seed, i]))
+                    yield seeded_patches(img, f"{self.path}: {name}", self.patch, int(self.per_record[i]), self.seed, i, self.whiten)
 
         yield from reblock(per_image(), block_rows)
 

@@ -193,6 +193,16 @@ def test_object_storage_reads_in_place_with_the_local_result(inputs, local_s3, t
     assert any("/wds/train-" in line for line in ranged) and any("/hf/part-" in line for line in ranged)
     cached = list(cache.rglob("*.tar")) + list(cache.rglob("*.parquet")) if cache.exists() else []
     assert not cached  # read in place: no local copy of the input
+    # reads that cross the reader's buffer (8 MB in a build): every byte as on disk, by ranged GETs of 1,000
+    from dist_sae.data.inputs import RangedReader
+    from dist_sae.data.wds import tar_members
+
+    tar = root / "wds" / "train-000001.tar"
+    with open(tar, "rb") as fh, RangedReader(f"{bucket}/wds/{tar.name}", buffer_size=1000) as remote:
+        assert remote.read(333) == fh.read(333) and remote.read(2500) == fh.read(2500)
+        remote.seek(0)
+        fh.seek(0)
+        assert [(n, r()) for n, _, r in tar_members(remote)] == [(n, r()) for n, _, r in tar_members(fh)]
     rc = main(["data", "build", "--from", "webdataset", f"{bucket}/wds/nope-*.tar", "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()
 
