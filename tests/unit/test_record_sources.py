@@ -78,6 +78,18 @@ def test_size_mode_and_raw_pixel_columns(inputs, tmp_path):
     np.testing.assert_array_equal(read_all(unscaled.path), pixels.astype(np.float32))
 
 
+def test_image_key_chooses_the_member(inputs, tmp_path):
+    """A record with a .jpg and a .png: the first image member by default, --image-key png the other."""
+    _, images = inputs
+    pngs = encoded_images(6, seed=10, size=SIZE, fmt="PNG")
+    write_tars(tmp_path / "two", images[:6], 3, extra={i: {"jpg": images[i], "png": pngs[i]} for i in range(6)})
+    default = prep.build(WebDatasetSource(str(tmp_path / "two")), tmp_path / "jpg", None)
+    np.testing.assert_array_equal(read_all(default.path), expected_rows(images[:6]))
+    rc = main(["data", "build", "--from", "webdataset", str(tmp_path / "two"), "--image-key", "png", "--out", str(tmp_path / "png"), "-q"])
+    assert rc == 0
+    np.testing.assert_array_equal(read_all(tmp_path / "png"), expected_rows(pngs))
+
+
 def _truncate_last_member(tar, keep_bytes: int = 300) -> None:
     """Cut the tar inside its last member's data (TarWriter writes a record's .jpg after its .cls)."""
     import tarfile
@@ -146,15 +158,13 @@ def test_bad_inputs_exit_2_with_nothing_written(inputs, tmp_path, capsys):
 
 
 def test_draft_decode_is_close_to_the_exact_one_but_not_equal():
-    from producers import encoded_images as make
-
-    jpeg = make(1, seed=2, size=(256, 256))[0]
+    jpeg = encoded_images(1, seed=2, size=(256, 256))[0]
     exact = decode_image(jpeg, "gray", (32, 32))
     draft = decode_image(jpeg, "gray", (32, 32), draft=True)
     assert exact.shape == draft.shape == (32, 32)
     diff = np.abs(exact - draft)
     assert 0 < diff.max() < 0.25 and diff.mean() < 0.02, (diff.max(), diff.mean())
-    png = make(1, seed=2, size=(64, 64), fmt="PNG")[0]  # draft mode is JPEG-only: a PNG decodes exactly
+    png = encoded_images(1, seed=2, size=(64, 64), fmt="PNG")[0]  # draft mode is JPEG-only: a PNG decodes exactly
     np.testing.assert_array_equal(decode_image(png, "gray", (16, 16), draft=True), decode_image(png, "gray", (16, 16)))
 
 
