@@ -2,6 +2,7 @@
 
     minibatch       python -m dist_sae.bench.minibatch       ρ̂ modes vs a Ray Train + Ray Data peer
     build           python -m dist_sae.bench.build           building from an image folder: one process, Ray
+    sources         python -m dist_sae.bench.sources         building from WebDataset tars and Parquet: Pillow, Ray Data peer
     storage         python -m dist_sae.bench.storage         warm/cold shard cache from a local S3 server vs local disk
     pools           python -m dist_sae.bench.pools           the pass tail before/after unit sizing; the pass bars' cost
     reduce_scaling  python -m dist_sae.bench.reduce_scaling  the server's share of a pass against W, per reduction
@@ -34,6 +35,18 @@ def _build(r: dict) -> dict[str, float]:
     return {"build_images_single_over_pillow": i["single_over_pillow"], "build_images_ray_over_single": i["ray_over_single"],
             "build_patches_single_over_decode": p["single_over_decode_whiten_sample"],
             "build_patches_ray_over_single": p["ray_over_single"], "build_same_fingerprint": float(i["same_fingerprint"] and p["same_fingerprint"])}
+
+
+def _sources(r: dict) -> dict[str, float]:
+    out = {"sources_same_fingerprint": float(r["webdataset"]["same_fingerprint"] and r["parquet"]["same_fingerprint"]),
+           "sources_draft_over_exact": r["draft"]["draft_over_exact"], "sources_draft_max_abs_diff": r["draft"]["max_abs_diff"]}
+    for kind in ("webdataset", "parquet"):
+        out[f"sources_{kind}_ray_per_core_over_pillow"] = r[kind]["ray_per_core_over_pillow"]
+        if "ray_over_ray_data" in r[kind]:
+            out[f"sources_{kind}_ray_over_ray_data"] = r[kind]["ray_over_ray_data"]
+        if "rss" in r:
+            out[f"sources_{kind}_rss_8x_over_1x"] = r["rss"][kind]["8x_over_1x"]
+    return out
 
 
 def _storage(r: dict) -> dict[str, float]:
@@ -99,6 +112,10 @@ PARTS: dict[str, Part] = {
         "full": ["--images", "20000", "--patch-images", "2000", "--repeat", "3"],
         "quick": ["--images", "1000", "--size", "128", "128", "--repeat", "1"],
         "tiny": ["--images", "100", "--size", "64", "64", "--repeat", "1", "--per-image", "4"]}, _build, out_flag="--json"),
+    "sources": Part("dist_sae.bench.sources", {
+        "full": ["--images", "20000"], "quick": ["--images", "2000", "--size", "128", "128", "--repeat", "1", "--draft-images", "50"],
+        "tiny": ["--images", "200", "--size", "64", "64", "--repeat", "1", "--draft-images", "5", "--rss-records", "200"]},
+        _sources, out_flag="--json", needs=("pyarrow",)),
     "storage": Part("dist_sae.bench.storage", {
         "full": ["--gb", "2"], "quick": ["--gb", "0.25", "--shard-mb", "32", "--repeat", "2", "--cold-repeat", "1"],
         "tiny": ["--gb", "0.01", "--shard-mb", "4", "--repeat", "1", "--cold-repeat", "1"]},

@@ -23,7 +23,7 @@ order, so load from other processes falls on both sides alike.
                             Ray, streaming, at 16x the rows / 1x, sampled from /proc outside the process tree
     rss_64x_vs_1x           the same at 64x the rows
     rss_tree_16x_vs_1x      the whole process tree (driver, raylet, GCS, workers) at 16x / 1x (and _64x_)
-    minibatch_*, build_*, storage_*, pools_*, reduce_*, safety_*, encode_*
+    minibatch_*, build_*, sources_*, storage_*, pools_*, reduce_*, safety_*, encode_*
                             the benchmark modules run as child processes (dist_sae.bench.parts)
 
 The compute ratios are given for the notes' 64-25-64 model and for 784-1024-784. --quick uses small
@@ -84,6 +84,13 @@ TARGETS = {  # key: (comparison, bound); "|<=|": the absolute value
     "build_patches_single_over_decode": (">=", 0.8),
     "build_patches_ray_over_single": (">=", 1.7),
     "build_same_fingerprint": ("==", 1.0),
+    "sources_webdataset_ray_per_core_over_pillow": (">=", 0.8),
+    "sources_parquet_ray_per_core_over_pillow": (">=", 0.8),
+    "sources_webdataset_ray_over_ray_data": (">=", 1.0),
+    "sources_parquet_ray_over_ray_data": (">=", 1.0),
+    "sources_same_fingerprint": ("==", 1.0),
+    "sources_webdataset_rss_8x_over_1x": ("<=", 1.15),
+    "sources_parquet_rss_8x_over_1x": ("<=", 1.15),
     "storage_warm_over_local": (">=", 0.95),
     "reduce_all_bit_identical": ("==", 1.0),
     "reduce_tree_bytes_within_2_p_vectors": ("==", 1.0),

@@ -95,6 +95,18 @@ def ray_runner(address: str | None = None, workers: int | None = None, max_retri
     return run
 
 
+def _ray_data(workers: int):
+    """ray.data set up for a peer measurement (rows in order, `workers` CPUs), or why it cannot be."""
+    try:
+        import ray.data
+    except ImportError as exc:
+        return f"not measured: Ray Data does not import here ({exc})"
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=workers)
+    return ray.data
+
+
 def ray_data_rate(folder, size: tuple[int, int], workers: int) -> float | str:
     """Rows/s of the design not chosen: Ray Data's read_images + map_batches (scale to [0, 1]) over
     the folder, ordered, on `workers` CPUs, rows consumed and nothing written (dist_sae.bench.build
@@ -103,15 +115,43 @@ def ray_data_rate(folder, size: tuple[int, int], workers: int) -> float | str:
 
     import numpy as np
 
-    try:
-        import ray.data
-    except ImportError as exc:
-        return f"not measured: Ray Data does not import here ({exc})"
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=workers)
+    data = _ray_data(workers)
+    if isinstance(data, str):
+        return data
     t = time.perf_counter()
-    ds = ray.data.read_images(str(folder), size=size, mode="L", include_paths=False, file_extensions=["jpg", "jpeg", "png"])
+    ds = data.read_images(str(folder), size=size, mode="L", include_paths=False, file_extensions=["jpg", "jpeg", "png"])
     ds = ds.map_batches(lambda b: {"x": b["image"].reshape(len(b["image"]), -1).astype(np.float32) / 255.0}, batch_format="numpy")
+    rows = sum(len(b["x"]) for b in ds.iter_batches(batch_size=1024, batch_format="numpy"))
+    return rows / (time.perf_counter() - t)
+
+
+def ray_data_records_rate(kind: str, paths: list[str], size: tuple[int, int], workers: int, column: str = "image") -> float | str:
+    """Images/s of the Ray Data peer of `--from webdataset|parquet`: read_webdataset (members as
+    bytes, no decoder) or read_parquet (the one column) + map_batches decoding with Pillow to gray
+    and resizing bilinearly to `size` as dist_sae does, on `workers` CPUs, rows consumed and nothing
+    written (dist_sae.bench.sources measures it next to ray_runner); a sentence when Ray Data does not import."""
+    import io
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    data = _ray_data(workers)
+    if isinstance(data, str):
+        return data
+
+    def decode(blobs) -> dict:
+        rows = np.empty((len(blobs), size[0] * size[1]), dtype=np.float32)
+        for i, data in enumerate(blobs):
+            with Image.open(io.BytesIO(data)) as img:
+                rows[i] = np.asarray(img.convert("L").resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32).reshape(-1) / 255.0
+        return {"x": rows}
+
+    t = time.perf_counter()
+    if kind == "webdataset":
+        ds = data.read_webdataset(paths, decoder=None).map_batches(lambda b: decode(b["jpg"]), batch_format="numpy")
+    else:
+        ds = data.read_parquet(paths, columns=[column]).map_batches(
+            lambda b: decode(b.column(column).combine_chunks().field("bytes").to_pylist()), batch_format="pyarrow")
     rows = sum(len(b["x"]) for b in ds.iter_batches(batch_size=1024, batch_format="numpy"))
     return rows / (time.perf_counter() - t)

@@ -12,9 +12,16 @@ SOURCE_HELP = """sources:
   npy        INPUT is a .npy or .npz array (rows first), memory-mapped
   idx        INPUT is an MNIST/Fashion-MNIST IDX file, gzipped or not; uint8 is scaled to [0, 1]
   images     INPUT is a folder tree of PNG/JPEG/TIFF (--mode, --size, --fit); undecodable files are skipped
-  patches    random --patch x --patch patches of whitened images (--images DIR or INPUT, or scikit-image's
+  webdataset INPUT is WebDataset tar shards: a .tar, a folder of them, a glob or "DIR/train-{000000..000099}.tar",
+             local or s3:// (read in place); a record's image is its jpg/jpeg/png/webp/ppm/pgm/bmp/tif member
+             (--image-key EXT); one shard per tar (--shard-rows N: N tars per shard)
+  parquet    INPUT is Parquet files (a file, a folder, a glob, or s3://): --column NAME (default image) holds the
+             encoded image, Hugging Face's {bytes, path} struct, or raw pixel values; shards are whole row groups
+  patches    random --patch x --patch patches of whitened images (--images SRC or INPUT: an image folder,
+             WebDataset tars or Parquet files; or scikit-image's
              photographs); defaults give the notes' exercise data: 10,000 8x8 patches normalised to [0.1, 0.9].
-             From a folder, patches are seeded per image: file i gives its share of --count from seed (seed, i)
+             From a folder, tars or Parquet, patches are seeded per image: image i gives its share of --count
+             from seed (seed, i)
 
 --ray builds one shard per task on Ray (--workers N, --address ADDR): the same dataset, fingerprint
 included, as without --ray. Patches of the bundled photographs and digits are built in one process.
@@ -78,15 +85,19 @@ def register(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     p = dsub.add_parser("build", help="write a dataset folder from a source", epilog=SOURCE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="source", required=True, choices=["npy", "idx", "images", "patches", "digits", "synthetic"], help="source kind")
-    p.add_argument("input", nargs="?", help="input file or folder (npy, idx, images; optional for patches)")
+    p.add_argument("--from", dest="source", required=True, choices=["npy", "idx", "images", "webdataset", "parquet", "patches", "digits", "synthetic"], help="source kind")
+    p.add_argument("input", nargs="?", help="input file, folder or pattern (npy, idx, images, webdataset, parquet; optional for patches)")
     _output_args(p)
     g = p.add_argument_group("source options")
     g.add_argument("--mode", choices=["gray", "rgb"], default="gray", help="images: grayscale or RGB")
     g.add_argument("--size", type=int, nargs="+", metavar="N", help="images: H [W] to resize/crop to; digits: side (8 or 28)")
     g.add_argument("--fit", choices=["resize", "crop"], default="resize", help="images: resize, or centre-crop after scaling the short side")
-    g.add_argument("--no-scale", action="store_true", help="idx: keep raw byte values (0..255) instead of [0, 1]")
-    g.add_argument("--images", metavar="DIR", help="patches: the image folder to sample (the same as INPUT)")
+    g.add_argument("--no-scale", action="store_true", help="idx, images, webdataset, parquet: keep pixel values 0..255 instead of [0, 1]")
+    g.add_argument("--decode", choices=["exact", "draft"], default="exact",
+                   help="images, webdataset, parquet: draft lets Pillow decode a JPEG at 1/2, 1/4 or 1/8 scale when --size allows (faster; pixels differ)")
+    g.add_argument("--image-key", metavar="EXT", help="webdataset: the member extension holding the image (default: the first of jpg, jpeg, png, webp, ppm, pgm, bmp, tif)")
+    g.add_argument("--column", default="image", help="parquet: the column holding the images (default image)")
+    g.add_argument("--images", metavar="SRC", help="patches: the images to sample: a folder, WebDataset tars or Parquet files (the same as INPUT)")
     g.add_argument("--patch", type=int, default=8, help="patches: side p of the p x p patches")
     g.add_argument("--count", type=int, default=10000, help="patches: how many")
     g.add_argument("--no-whiten", action="store_true", help="patches: do not whiten the images before sampling")
@@ -170,12 +181,20 @@ def _image_size(args) -> tuple[int, int] | None:
     return (args.size[0], args.size[-1])
 
 
+def _decode_args(args) -> dict:
+    """How an image source decodes: the flags every image source takes."""
+    return {"mode": args.mode, "size": _image_size(args), "fit": args.fit, "draft": args.decode == "draft", "scale": not args.no_scale}
+
+
 # How each --from source is made from the flags: keyword arguments of its class in build.SOURCES.
 SOURCE_ARGS = {
     "npy": lambda a: {"path": a.input},
     "idx": lambda a: {"path": a.input, "scale": not a.no_scale},
-    "images": lambda a: {"folder": a.input, "mode": a.mode, "size": _image_size(a), "fit": a.fit},
-    "patches": lambda a: {"images": a.images or a.input, "patch": a.patch, "count": a.count, "seed": a.seed, "whiten": not a.no_whiten},
+    "images": lambda a: {"folder": a.input, **_decode_args(a)},
+    "webdataset": lambda a: {"src": a.input, "image_key": a.image_key, "tars_per_shard": a.shard_rows or 1, **_decode_args(a)},
+    "parquet": lambda a: {"src": a.input, "column": a.column, **_decode_args(a)},
+    "patches": lambda a: {"images": a.images or a.input, "patch": a.patch, "count": a.count, "seed": a.seed, "whiten": not a.no_whiten,
+                          "image_key": a.image_key, "column": a.column},
     "digits": lambda a: {"size": a.size[0] if a.size else 8},
     "synthetic": lambda a: {"rows": int(a.rows), "dim": a.dim, "seed": a.seed, "atoms": a.atoms, "active": a.active},
 }
@@ -185,8 +204,10 @@ def cmd_build(args) -> int:
     from dist_sae.data import build as prep
 
     kind = args.source
-    if kind in ("npy", "idx", "images") and not args.input:
-        raise DataError(f"--from {kind} needs an INPUT {'folder' if kind == 'images' else 'file'}")
+    if kind in ("npy", "idx", "images", "webdataset", "parquet") and not args.input:
+        raise DataError(f"--from {kind} needs an INPUT {'folder' if kind == 'images' else 'file or pattern' if kind in ('webdataset', 'parquet') else 'file'}")
+    if kind == "webdataset" and (args.shards or args.shard_size):
+        raise DataError("--from webdataset writes whole tars to each shard: give --shard-rows N (tars per shard, default 1), not --shards or --shard-size")
     if kind == "synthetic" and not args.rows:
         raise DataError("--from synthetic needs --rows N")
     if kind == "patches" and args.normalize is None:
@@ -196,7 +217,8 @@ def cmd_build(args) -> int:
     ds = prep.build(source, args.out, _specs(args), _writer_options(args), stats=_stats(args), runner=_runner(args))
     _summary(ds)
     if source.skipped:
-        print(f"skipped {len(source.skipped)} file(s) that could not be decoded: {', '.join(sorted(source.skipped)[:10])}{' ...' if len(source.skipped) > 10 else ''}")
+        what = "record(s) or file(s) that could not be read or decoded" if kind in ("webdataset", "parquet") or hasattr(source, "records") else "file(s) that could not be decoded"
+        print(f"skipped {len(source.skipped)} {what}: {', '.join(sorted(source.skipped)[:10])}{' ...' if len(source.skipped) > 10 else ''}")
     return 0
 
 

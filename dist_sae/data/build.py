@@ -38,13 +38,17 @@ from dist_sae.data.patches import patch_source
 from dist_sae.data.ranges import RangeJob, RangeRunner, checked, run_here, source_label
 from dist_sae.data.sources import DigitsSource, IdxSource, NpySource, Range, Source, SyntheticSource
 from dist_sae.data.images import ImageFolderSource
+from dist_sae.data.parquet import ParquetSource
+from dist_sae.data.wds import WebDatasetSource
 from dist_sae.data.transforms import StepSpec, Transform, describe_steps, fit_transform, load_transform, local_sums_fn
 from dist_sae import progress
 
 log = logging.getLogger(__name__)
 
 # `dist-sae data build --from KIND`: the source of each kind (a class, or a function choosing one).
-SOURCES = {"npy": NpySource, "idx": IdxSource, "images": ImageFolderSource, "patches": patch_source, "digits": DigitsSource, "synthetic": SyntheticSource}
+SOURCES = {"npy": NpySource, "idx": IdxSource, "images": ImageFolderSource, "webdataset": WebDatasetSource, "parquet": ParquetSource,
+           "patches": patch_source, "digits": DigitsSource, "synthetic": SyntheticSource}
+SKIPPED_LISTED = 20  # skipped inputs dataset.json names (with their count)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # the largest default shard
 # Without a shard size, a source of known size is cut into about TARGET_SHARDS shards (but none under
@@ -261,7 +265,7 @@ def _write(source, out, transform, base, options, block_rows, ranges, runner, ex
                 source.skipped = skipped
             writer.info["source"] = source.describe()
             if source.skipped:
-                writer.info["skipped"] = {"count": len(source.skipped), "files": dict(sorted(source.skipped.items())[:100])}
+                writer.info["skipped"] = {"count": len(source.skipped), "files": dict(sorted(source.skipped.items())[:SKIPPED_LISTED])}
     finally:
         bar.close()
         source.close()

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -38,22 +39,34 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_image(path: Path, mode: str = "gray", size: tuple[int, int] | None = None, fit: str = "resize") -> np.ndarray:
-    """Decode one image with Pillow to float32 in [0, 1]: (H, W) for gray, (H, W, 3) for rgb.
+    """decode_image of one file (the exact decode, scaled to [0, 1])."""
+    return decode_image(path, mode, size, fit)
 
+
+def decode_image(data: bytes | str | Path | IO[bytes], mode: str = "gray", size: tuple[int, int] | None = None, fit: str = "resize",
+                 draft: bool = False, scale: bool = True) -> np.ndarray:
+    """Decode one image with Pillow to float32: (H, W) for gray, (H, W, 3) for rgb; in [0, 1] (scale) or 0..255.
+
+    data: the encoded bytes (a tar member, a Parquet cell), a path or a binary file.
     size: (height, width) to resize to ("resize") or centre-crop to ("crop", resizing the short side first).
-    Raises OSError/ValueError (from Pillow) when the file cannot be decoded.
+    draft: let a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) when the result still
+        covers `size`, and in the target mode directly: several times faster on large JPEGs, but the
+        pixels differ from the exact decode (docs/scaling.md gives both figures), so it is opt-in.
+    Raises OSError/ValueError (from Pillow) when the data cannot be decoded.
     """
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as img:
+        if draft and size is not None and img.format == "JPEG":
+            img.draft("L" if mode == "gray" else "RGB", (size[1], size[0]))
         img.load()
         if mode == "gray" and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             peak = 65535.0 if img.mode.startswith("I;16") else (1.0 if img.mode == "F" else None)
             img = img.convert("F")
-            scale = peak
+            factor = peak
         else:
             img = img.convert("L" if mode == "gray" else "RGB")
-            scale = 255.0
+            factor = 255.0
         if size is not None:
             h, w = size
             if fit == "crop":
@@ -65,10 +78,57 @@ def load_image(path: Path, mode: str = "gray", size: tuple[int, int] | None = No
             elif (img.height, img.width) != (h, w):
                 img = img.resize((w, h), Image.BILINEAR)
         x = np.asarray(img, dtype=np.float32)
-    if scale is None:  # 32-bit integer images: map their own range
-        scale = float(max(x.max(), 1.0))
-    return x / np.float32(scale)
+    if factor is None:  # 32-bit integer images: map their own range
+        factor = float(max(x.max(), 1.0))
+    if not scale:
+        factor /= 255.0  # 8-bit values stay 0..255; deeper images are mapped to that range
+    return x / np.float32(factor)
 
+
+def image_steps(mode: str, size: tuple[int, int] | None, fit: str, draft: bool, scale: bool) -> list[dict[str, Any]]:
+    """The manifest's `preprocessing` entries of a decode with these options."""
+    steps: list[dict[str, Any]] = [{"kind": "scale", "why": "pixels to [0, 1]", "mode": mode} if scale else {"kind": "pixels", "why": "0..255, not scaled", "mode": mode}]
+    if size is not None:
+        steps.append({"kind": fit, "size": list(size), **({"decode": "draft"} if draft else {})})
+    return steps
+
+
+def check_image_options(mode: str, fit: str) -> None:
+    """The one-line errors for a wrong --mode or --fit (before any decoding)."""
+    if mode not in ("gray", "rgb"):
+        raise DataError(f"image mode must be gray or rgb, got {mode!r}")
+    if fit not in ("resize", "crop"):
+        raise DataError(f"fit must be resize or crop, got {fit!r}")
+
+
+def stacked_rows(images: Iterator[tuple[str, Any]], decode: Callable[[Any], np.ndarray], skip: Callable[[str, Exception], None],
+                 shape: tuple[int, ...], block_rows: int, where: Callable[[str], str] = str) -> Iterator[np.ndarray]:
+    """Decode (name, data) pairs into blocks of at most block_rows flat rows, in order.
+
+    data is what `decode` takes, or an Exception saying why the input has no image; either kind of
+    failure goes to skip(name, exc) and the image is left out. An image of another shape than
+    `shape` is a DataError naming it (where(name): how the message names it).
+    """
+    buf: list[np.ndarray] = []
+    for name, data in images:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            x = decode(data)
+        except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError (truncated), ValueError, ...
+            skip(name, exc)
+            continue
+        if x.shape != shape:
+            raise DataError(
+                f"{where(name)} is {x.shape[1]}x{x.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
+                "give --size H W (with --fit resize or crop) to make them one size"
+                if len(shape) >= 2 and len(x.shape) >= 2 else f"{where(name)} holds {x.size} values, earlier rows {int(np.prod(shape))}")
+        buf.append(x.reshape(-1))
+        if len(buf) == block_rows:
+            yield np.stack(buf)
+            buf = []
+    if buf:
+        yield np.stack(buf)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -95,27 +155,23 @@ class ImageFolderSource(FileList, Source):
 
     name = "images"
 
-    def __init__(self, folder: str | Path, mode: str = "gray", size: tuple[int, int] | None = None, fit: str = "resize") -> None:
+    def __init__(self, folder: str | Path, mode: str = "gray", size: tuple[int, int] | None = None, fit: str = "resize",
+                 draft: bool = False, scale: bool = True) -> None:
         super().__init__()
-        if mode not in ("gray", "rgb"):
-            raise DataError(f"image mode must be gray or rgb, got {mode!r}")
-        if fit not in ("resize", "crop"):
-            raise DataError(f"fit must be resize or crop, got {fit!r}")
+        check_image_options(mode, fit)
         folder = localize(folder)
-        self.folder, self.mode, self.size, self.fit = Path(folder), mode, size, fit
+        self.folder, self.mode, self.size, self.fit, self.draft, self.scale = Path(folder), mode, size, fit, draft, scale
         self.files = image_files(folder)
         self.shape = self._first_shape()
         self.sample_shape = list(self.shape)
         self.dim = int(np.prod(self.shape))
         self.rows = None  # known only after decoding (skips)
-        self.preprocessing.append({"kind": "scale", "why": "pixels to [0, 1]", "mode": mode})
-        if size is not None:
-            self.preprocessing.append({"kind": fit, "size": list(size)})
+        self.preprocessing += image_steps(mode, size, fit, draft, scale)
 
     def _first_shape(self) -> tuple[int, ...]:
         for f in self.files:
             try:
-                return load_image(f, self.mode, self.size, self.fit).shape
+                return self._decode(f).shape
             except Exception as exc:
                 self._skip(f, exc)
         raise DataError(f"none of the {len(self.files)} image files under {self.folder} can be decoded")
@@ -138,25 +194,12 @@ class ImageFolderSource(FileList, Source):
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         yield from self.range_blocks(Range(0, 0, len(self.files)), block_rows)
 
+    def _decode(self, f) -> np.ndarray:
+        return decode_image(f, self.mode, self.size, self.fit, self.draft, self.scale)
+
     def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
-        buf: list[np.ndarray] = []
-        for f in map(Path, self.files[r.start : r.stop]):
-            try:
-                x = load_image(f, self.mode, self.size, self.fit)
-            except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError (truncated), ValueError, ...
-                self._skip(f, exc)
-                continue
-            if x.shape != self.shape:
-                raise DataError(
-                    f"{f} is {x.shape[1]}x{x.shape[0]} but earlier images are {self.shape[1]}x{self.shape[0]}; "
-                    "give --size H W (with --fit resize or crop) to make them one size"
-                )
-            buf.append(x.reshape(-1))
-            if len(buf) == block_rows:
-                yield np.stack(buf)
-                buf = []
-        if buf:
-            yield np.stack(buf)
+        files = ((f, Path(f)) for f in self.files[r.start : r.stop])
+        yield from stacked_rows(files, self._decode, lambda f, exc: self._skip(Path(f), exc), self.shape, block_rows)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "images", "path": str(self.folder), "files": len(self.files), "mode": self.mode, "skipped": len(self.skipped), "skipped_files": sorted(self.skipped)[:100]}

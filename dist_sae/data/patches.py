@@ -15,6 +15,7 @@ ones, drawn from numpy's default_rng([seed, i]); rows come file by file, in file
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,10 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from dist_sae.data.storage import localize
+from dist_sae.data.storage import is_url, localize
 from dist_sae.errors import DataError
 from dist_sae.data.sources import Range, Source, reblock
-from dist_sae.data.images import FileList, image_files, load_image
+from dist_sae.data.images import IMAGE_SUFFIXES, FileList, decode_image, image_files, load_image
+from dist_sae.data.parquet import ParquetSource
+from dist_sae.data.records import RecordSource
+from dist_sae.data.wds import WebDatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,13 @@ def image_patches(img: np.ndarray, patch: int, count: int, rng: np.random.Genera
     return windows[rows, cols].reshape(count, patch * patch)
 
 
+def seeded_patches(img: np.ndarray, where: str, patch: int, count: int, seed: int, index: int, whiten: bool) -> np.ndarray:
+    """Image `index`'s share of patches (the per-image rule): whitened (if asked), from default_rng([seed, index])."""
+    if min(img.shape) < patch:
+        raise DataError(f"{where} is {img.shape[1]}x{img.shape[0]}, smaller than the {patch}x{patch} patches")
+    return image_patches(whiten_image(img) if whiten else img, patch, count, np.random.default_rng([seed, index]))
+
+
 class FolderPatchSource(FileList, Source):
     """Patches of an image folder, seeded per image (see the module docstring for the rule).
 
@@ -216,9 +227,7 @@ class FolderPatchSource(FileList, Source):
                     self.skipped[rel] = f"{type(exc).__name__}: {exc}"
                     log.warning("skipping %s: cannot decode it (%s)", f, exc)
                     continue
-                if min(img.shape) < self.patch:
-                    raise DataError(f"{f} is {img.shape[1]}x{img.shape[0]}, smaller than the {self.patch}x{self.patch} patches")
-                yield image_patches(whiten_image(img) if self.whiten else img, self.patch, int(self.per_file[i]), np.random.default_rng([self.seed, i]))
+                yield seeded_patches(img, str(f), self.patch, int(self.per_file[i]), self.seed, i, self.whiten)
 
         yield from reblock(per_image(), block_rows)
 
@@ -226,8 +235,104 @@ class FolderPatchSource(FileList, Source):
         return {"kind": "patches", "path": str(self.folder), "files": len(self.files), "patch": self.patch, "count": self.count, "seed": self.seed, "whitened": self.whiten, "sampling": "per image", "skipped": len(self.skipped)}
 
 
-def patch_source(images: str | Path | Sequence[np.ndarray] | None = None, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> Source:
-    """The patch source for `images`: per-image sampling for a folder, the notes' rule for photographs or arrays."""
+class RecordPatchSource(Source):
+    """Patches of the images of a record source (WebDataset tars, Parquet), the folder's per-image rule.
+
+    Record i of the whole input (in the source's order; records without a usable image count too)
+    gives its share of `count` from default_rng([seed, i]), as file i of a folder does. The rule
+    needs the record count up front: Parquet footers give it; tars are counted from their headers
+    first (a local tar by seeking, an object by streaming it once). Ranges count the source's items.
+    """
+
+    name = "patches"
+    dtype = "float32"
+
+    def __init__(self, records: RecordSource, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True) -> None:
+        super().__init__()
+        if patch < 1 or count < 1:
+            raise DataError(f"patch size and count must be >= 1, got {patch} and {count}")
+        self.records, self.patch, self.count, self.seed, self.whiten = records, patch, count, seed, whiten
+        counts = records.item_counts()
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # record index of each item's first record
+        n = max(1, int(self.first[-1]))
+        self.per_record = np.full(n, count // n, dtype=np.int64)
+        self.per_record[: count % n] += 1
+        self.dim, self.sample_shape = patch * patch, [patch, patch]
+        self.rows = None
+        self.skipped = records.skipped
+        self.path = records.path
+        if whiten:
+            self.preprocessing.append({"kind": "whiten_images", "filter": "f*exp(-(f/f0)^4)", "f0": 0.4, "then": "unit variance per image", "saved": False})
+
+    @property
+    def items(self) -> int:
+        return self.records.items
+
+    @property
+    def planned_rows(self) -> int:
+        return self.count
+
+    def items_per_shard(self, rows: int) -> int:
+        return self.records.items_per_shard(rows // max(1, int(self.per_record[0])))
+
+    def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
+        yield from self.range_blocks(Range(0, 0, self.items), block_rows)
+
+    def range_blocks(self, r: Range, block_rows: int) -> Iterator[np.ndarray]:
+        self.records.skipped = self.skipped  # a range task resets self.skipped: the records list there
+
+        def per_image():
+            for k in range(r.start, r.stop):
+                for j, (name, payload) in enumerate(self.records.item_records(k)):
+                    i = int(self.first[k]) + j
+                    if i >= self.first[k + 1]:
+                        break  # more records than the header count (a damaged tar): beyond its share
+                    if self.per_record[i] == 0:
+                        continue
+                    try:
+                        if isinstance(payload, Exception):
+                            raise payload
+                        img = decode_image(payload, "gray").astype(np.float64)
+                    except Exception as exc:  # the record is listed; its patches are missing, as a folder's bad file's
+                        self.records.skip(name, exc)
+                        continue
+                    yield seeded_patches(img, f"{self.path}: {name}", self.patch, int(self.per_record[i]), self.seed, i, self.whiten)
+
+        yield from reblock(per_image(), block_rows)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "patches", "images": self.records.describe(), "records": int(self.first[-1]), "patch": self.patch, "count": self.count,
+                "seed": self.seed, "whitened": self.whiten, "sampling": "per image", "skipped": len(self.skipped)}
+
+    def close(self) -> None:
+        self.records.close()
+
+
+def image_set_kind(images: str | Path) -> str:
+    """'webdataset', 'parquet' or 'images' for an image source path: by its suffix, else by what a folder holds."""
+    text = str(images).rstrip("/").lower()
+    for kind, suffixes in (("webdataset", (".tar",)), ("parquet", (".parquet", ".pq"))):
+        if text.endswith(suffixes):
+            return kind
+    if is_url(images) or not Path(images).is_dir():
+        return "images"  # an image folder on object storage (or an error naming the path)
+    names = {Path(f).suffix.lower() for _, _, fs in os.walk(images) for f in fs}
+    if names & {".tar"} and not names & IMAGE_SUFFIXES:
+        return "webdataset"
+    if names & {".parquet", ".pq"} and not names & IMAGE_SUFFIXES:
+        return "parquet"
+    return "images"
+
+
+def patch_source(images: str | Path | Sequence[np.ndarray] | None = None, patch: int = 8, count: int = 10000, seed: int = 0, whiten: bool = True,
+                 image_key: str | None = None, column: str = "image") -> Source:
+    """The patch source for `images`: per-image sampling for a folder, WebDataset tars or Parquet
+    files (image_key, column: as for those sources), the notes' rule for photographs or arrays."""
     if isinstance(images, (str, Path)):
+        kind = image_set_kind(images)
+        if kind == "webdataset":
+            return RecordPatchSource(WebDatasetSource(str(images), image_key=image_key), patch, count, seed, whiten)
+        if kind == "parquet":
+            return RecordPatchSource(ParquetSource(str(images), column=column), patch, count, seed, whiten)
         return FolderPatchSource(images, patch, count, seed, whiten)
     return PatchSource(images, patch, count, seed, whiten)

@@ -414,3 +414,4 @@ def _touch(path: Path) -> None:
         os.utime(path, ns=(now, now))
     except OSError:
         pass
+

@@ -15,7 +15,7 @@ import pytest
 from dist_sae.bench.parts import PARTS, Part, missing, run_part
 from dist_sae.bench.suite import run_suite
 
-HEAVY = {"minibatch", "build", "reduce_scaling", "encode"}
+HEAVY = {"minibatch", "build", "sources", "reduce_scaling", "encode"}
 
 
 @pytest.mark.slow

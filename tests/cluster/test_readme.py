@@ -56,6 +56,7 @@ SUBSTITUTIONS = [
     (r"\bRUN_DIR\b", "run"),
     (r"/new/mount/d\b", "moved/patches"),
     (r"data/patches", "patches"),
+    (r"s3://my-bucket/photos-wds/train-\{000000\.\.000019\}\.tar", "shards/train-{000000..000001}.tar"),  # the sandbox's tars
     (r"\[--digits\] \[--out DIR\]", "--digits --out demo --steps 3"),
 ]
 
@@ -78,6 +79,8 @@ RULES = [
     Rule(r"/mnt/", "parse"),
     # object storage: parsed here; tests/unit/test_storage.py and tests/cluster/test_s3_cluster.py run
     # the same commands against a local S3 server
+    Rule(r"^python scripts/make_image_shards\.py", "help", ["python", "scripts/make_image_shards.py"]),
+    Rule(r"^dist-sae data build --from webdataset .*s3://my-bucket/photos-wds", "run"),  # on the sandbox's tars (SUBSTITUTIONS)
     Rule(r"s3://", "parse", why="tests/unit/test_storage.py, tests/cluster/test_s3_cluster.py (a local S3 server)"),
     Rule(r"^pip install -e \.\[s3\]", "covered", why="the [test] extra installs obstore; tests/unit/test_storage.py"),
     Rule(r"^python scripts/make_image_folder\.py", "covered", why="tests/cluster/test_build_cluster.py; scripts/bench_build.py makes its folder with it"),
@@ -148,6 +151,11 @@ def sandbox(tmp_path_factory):
     rng = np.random.default_rng(0)
     np.save(root / "big.npy", rng.random((300, 64)))
     _write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, size=(64, 28, 28)))
+    from producers import encoded_images, write_hf_parquet, write_tars  # made by webdataset's TarWriter and HF datasets
+
+    images = encoded_images(24, seed=0, size=(40, 48))
+    write_tars(root / "shards", images, 12)
+    write_hf_parquet(root / "hf-parquet" / "train-00000.parquet", images)
     (root / "photos").mkdir()
     for k in range(4):
         Image.fromarray(rng.integers(0, 256, size=(40, 48), dtype=np.uint8)).save(root / "photos" / f"p{k}.png")
