@@ -18,7 +18,6 @@ import argparse
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,33 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_sae.bench.rss_tree import _name, tree_rss
+from dist_sae.bench.rss_tree import run_sampled
 from dist_sae.bench.synthetic import write_synthetic
 from dist_sae.bench.timing import emit_report
-
-
-def sampled(cmd: list[str], interval: float) -> dict:
-    """Run `cmd` (its own process tree); peak RSS (MB) of the command itself (the driver) and of its
-    largest Ray worker actor, its wall seconds and its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    driver = worker = 0.0
-    actors: set[int] = set()  # a process's title changes (ray::IDLE, then the actor's): once an actor, counted
-    while proc.poll() is None:
-        sample = tree_rss(proc.pid)
-        driver = max(driver, sample.get(proc.pid, 0.0))
-        for pid, mb in sample.items():
-            if pid != proc.pid and mb > worker:
-                if pid not in actors and re.match(r"ray::(dist_sae\.worker-\d+:)?Worker", _name(pid)):
-                    actors.add(pid)  # the worker actors (not the raylet, GCS, agents or idle workers)
-                if pid in actors:
-                    worker = mb
-        time.sleep(interval)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err[-2000:]}")
-    return {"driver_peak_mb": driver, "largest_worker_peak_mb": worker, "wall_s": time.perf_counter() - t0, "stdout": out}
 
 
 def encode_cmd(model: Path, data: Path, out: Path, workers: int | None) -> list[str]:
@@ -62,7 +37,9 @@ def encode_cmd(model: Path, data: Path, out: Path, workers: int | None) -> list[
 
 
 def timed_encode(model: Path, data: Path, out: Path, workers: int | None, rows: int, interval: float) -> dict:
-    run = sampled(encode_cmd(model, data, out, workers), interval)
+    # The worker actors: not the raylet, the GCS, the agents or idle workers.
+    run = run_sampled(encode_cmd(model, data, out, workers), interval, workers=r"ray::(dist_sae\.worker-\d+:)?Worker")
+    run["largest_worker_peak_mb"], run["wall_s"] = run.pop("worker_peak_mb"), run.pop("seconds")
     m = re.search(r"\((\d+\.\d+)s(?:: (\d+\.\d+)s starting the workers, (\d+\.\d+)s encoding)?", run.pop("stdout"))
     seconds, start = float(m.group(1)), float(m.group(2) or 0.0)
     encoding = float(m.group(3)) if m.group(3) else seconds

@@ -46,6 +46,7 @@ def _sources(r: dict) -> dict[str, float]:
             out[f"sources_{kind}_ray_over_ray_data"] = r[kind]["ray_over_ray_data"]
         if "rss" in r:
             out[f"sources_{kind}_rss_8x_over_1x"] = r["rss"][kind]["8x_over_1x"]
+            out[f"sources_{kind}_ray_worker_rss_8x_over_1x"] = r["rss"][kind]["ray_worker_8x_over_1x"]
     return out
 
 

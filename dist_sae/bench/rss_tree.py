@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,24 +63,36 @@ def tree_rss(root: int) -> dict[int, float]:
     return out
 
 
-def run_sampled(cmd: list[str], interval: float) -> dict:
-    """Run `cmd`; the peak over time of its largest process's RSS and of its tree's total RSS (MB), and its stdout."""
+def run_sampled(cmd: list[str], interval: float, workers: str | None = None) -> dict:
+    """Run `cmd` (its own process tree) and sample it from here every `interval` seconds.
+
+    Returns the peaks (MB) over time of its largest process's RSS (and that process's name), of
+    its tree's total, of the command's own process (the driver), and, given `workers` (a regex on
+    the process title, e.g. r"ray::range_task"), of the largest process that ever matched it; its
+    seconds and stdout. A Ray worker's title changes (ray::IDLE, the task's or actor's, then
+    ray::IDLE again), so once matched a process stays counted.
+    """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    largest, tree, which = 0.0, 0.0, ""
+    largest, tree, driver, worker, which = 0.0, 0.0, 0.0, 0.0, ""
+    matched: set[int] = set()
     while proc.poll() is None:
         sample = tree_rss(proc.pid)
         pid = max(sample, key=sample.get)
         if sample[pid] > largest:
             largest, which = sample[pid], _name(pid)
         tree = max(tree, sum(sample.values()))
+        driver = max(driver, sample.get(proc.pid, 0.0))
+        if workers is not None:
+            matched |= {p for p in sample if p != proc.pid and p not in matched and re.match(workers, _name(p))}
+            worker = max([worker, *(sample[p] for p in matched if p in sample)])
         time.sleep(interval)
     out, err = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} exited {proc.returncode}: {err[-2000:]}")
-    return {"largest_peak_mb": largest, "largest_process": which, "tree_peak_mb": tree, "seconds": time.perf_counter() - t0,
-            "stdout": out}
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err[-2000:]}")
+    return {"largest_peak_mb": largest, "largest_process": which, "tree_peak_mb": tree, "driver_peak_mb": driver,
+            "worker_peak_mb": worker, "seconds": time.perf_counter() - t0, "stdout": out}
 
 
 def measure(rows: int, factors: tuple[int, ...] = (1, 16, 64), dim: int = 64, workers: int = 2, interval: float = 0.05,

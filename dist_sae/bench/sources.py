@@ -175,9 +175,11 @@ def draft_case(folder: Path, count: int, to: tuple[int, int]) -> dict:
             "rmse": round(float(np.sqrt((diff ** 2).mean())), 5), "scale": "pixels in [0, 1]"}
 
 
-def rss_case(files: list[Path], work: Path, records: int, to: tuple[int, int]) -> dict:
-    """Peak RSS (from outside) of `dist-sae data build` in one process: 1 tar / Parquet file of `records`
-    records against 1 of 8x as many (the 8x input built from the same images, repeated)."""
+def rss_case(files: list[Path], work: Path, records: int, to: tuple[int, int], engines: tuple[str, ...] = ("single", "ray")) -> dict:
+    """Peak RSS (sampled from outside) of `dist-sae data build` on 1 tar / Parquet file of `records`
+    records against 1 of 8x as many (the 8x input built from the same images, repeated): of the
+    build in one process ("single"), and of the Ray worker that builds the shard with `--ray
+    --workers 1` ("ray": a private Ray; the worker is the process titled ray::range_task)."""
     out: dict = {}
     for factor in (1, 8):
         chosen = [files[i % len(files)] for i in range(records * factor)]
@@ -185,11 +187,19 @@ def rss_case(files: list[Path], work: Path, records: int, to: tuple[int, int]) -
         for kind, path in (("webdataset", tars[0]), ("parquet", parquets[0])):
             cmd = [sys.executable, "-m", "dist_sae", "data", "build", "--from", kind, path, "--size", *map(str, to),
                    "--block-rows", "256", "--out", str(work / f"rss-{kind}-{factor}"), "-q"]  # both sizes many blocks
-            run = run_sampled(cmd, 0.02)
-            out.setdefault(kind, {})[f"{factor}x"] = {"records": len(chosen), "input_mb": round(os.path.getsize(path) / 1e6, 1),
-                                                       "peak_rss_mb": round(run["largest_peak_mb"], 1), "seconds": round(run["seconds"], 2)}
+            got = {"records": len(chosen), "input_mb": round(os.path.getsize(path) / 1e6, 1)}
+            if "single" in engines:
+                run = run_sampled(cmd, 0.02)
+                got.update(peak_rss_mb=round(run["largest_peak_mb"], 1), seconds=round(run["seconds"], 2))
+            if "ray" in engines:
+                cmd[cmd.index("--out") + 1] += "-ray"
+                run = run_sampled([*cmd, "--ray", "--workers", "1"], 0.02, workers=r"ray::range_task")
+                got.update(ray_worker_peak_rss_mb=round(run["worker_peak_mb"], 1), ray_seconds=round(run["seconds"], 2))
+            out.setdefault(kind, {})[f"{factor}x"] = got
     for kind in ("webdataset", "parquet"):
-        out[kind]["8x_over_1x"] = round(out[kind]["8x"]["peak_rss_mb"] / out[kind]["1x"]["peak_rss_mb"], 3)
+        for key, name in (("peak_rss_mb", "8x_over_1x"), ("ray_worker_peak_rss_mb", "ray_worker_8x_over_1x")):
+            if key in out[kind]["1x"]:
+                out[kind][name] = round(out[kind]["8x"][key] / out[kind]["1x"][key], 3)
     return out
 
 
@@ -202,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; the best rate of each is kept")
     p.add_argument("--draft-images", type=int, default=200, help="1024x1024 JPEGs for the draft case")
     p.add_argument("--rss-records", type=int, default=1000, help="records per tar / Parquet file at 1x in the RSS case (0: skip)")
+    p.add_argument("--rss-only", action="store_true", help="only the RSS case (single process and a Ray worker)")
     p.add_argument("--dir", help="work folder (kept: the inputs are made once and reused; default a temporary one, removed)")
     p.add_argument("--json", help="write the JSON here too")
     args = p.parse_args(argv)
@@ -219,6 +230,15 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
         make_image_folder(folder, args.images, size)
     files = list_images(folder)[: args.images]
+    if args.rss_only:
+        scratch = Path(tempfile.mkdtemp(prefix="dsae-bench-sources-out-"))
+        try:
+            rss = rss_case(files, scratch, args.rss_records, to)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if not args.dir:
+                shutil.rmtree(work, ignore_errors=True)
+        return emit({"images": len(files), "size": list(size), "to": list(to), "rss": rss}, args.json)
     if not packed.is_dir():
         pack(files, packed)
     tars = sorted(str(p) for p in (packed / "wds").glob("*.tar"))

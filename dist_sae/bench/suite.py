@@ -91,6 +91,8 @@ TARGETS = {  # key: (comparison, bound); "|<=|": the absolute value
     "sources_same_fingerprint": ("==", 1.0),
     "sources_webdataset_rss_8x_over_1x": ("<=", 1.15),
     "sources_parquet_rss_8x_over_1x": ("<=", 1.15),
+    "sources_webdataset_ray_worker_rss_8x_over_1x": ("<=", 1.15),
+    "sources_parquet_ray_worker_rss_8x_over_1x": ("<=", 1.15),
     "storage_warm_over_local": (">=", 0.95),
     "reduce_all_bit_identical": ("==", 1.0),
     "reduce_tree_bytes_within_2_p_vectors": ("==", 1.0),

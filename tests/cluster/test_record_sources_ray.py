@@ -70,3 +70,19 @@ def test_object_storage_on_ray_with_the_cli(local_s3, ray_session, inputs, tmp_p
     assert rc == 0 and read_all(tmp_path / "pq").shape == (49, 320)
     rc = main(["data", "build", "--from", "parquet", f"{bucket}/hf", "--column", "nope", "--out", str(tmp_path / "no"), "--ray", "-q"])
     assert rc == 2 and "column 'nope' does not exist" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_a_ray_build_worker_peak_rss_does_not_grow_with_the_tar_or_parquet_file(tmp_path):
+    """The benchmark's RSS case on Ray at a small size: `data build --ray --workers 1` (its own
+    private Ray), the worker building the one shard sampled from /proc outside it; one tar /
+    Parquet file of 300 records against one of 2,400."""
+    from dist_sae.bench.build import make_image_folder
+    from dist_sae.bench.sources import rss_case
+    from dist_sae.data.images import list_images
+
+    files = list_images(make_image_folder(tmp_path / "jpegs", 60, (96, 96)))
+    rss = rss_case(files, tmp_path, 300, (16, 16), engines=("ray",))
+    for kind in ("webdataset", "parquet"):
+        assert rss[kind]["1x"]["ray_worker_peak_rss_mb"] > 50, rss  # the worker was found (torch, Ray: > 50 MB)
+        assert rss[kind]["8x"]["input_mb"] > 7 * rss[kind]["1x"]["input_mb"]
+        assert rss[kind]["ray_worker_8x_over_1x"] <= 1.15, rss

@@ -225,7 +225,7 @@ def test_a_build_process_peak_rss_does_not_grow_with_the_tar_or_parquet_file(tmp
     from dist_sae.data.images import list_images
 
     files = list_images(make_image_folder(tmp_path / "jpegs", 60, (96, 96)))
-    rss = rss_case(files, tmp_path, 300, (16, 16))
+    rss = rss_case(files, tmp_path, 300, (16, 16), engines=("single",))
     assert rss["webdataset"]["8x"]["input_mb"] > 7 * rss["webdataset"]["1x"]["input_mb"]
     assert rss["webdataset"]["8x_over_1x"] <= 1.15 and rss["parquet"]["8x_over_1x"] <= 1.15, rss
 
