@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; the best rate of each is kept")
     p.add_argument("--draft-images", type=int, default=200, help="1024x1024 JPEGs for the draft case")
     p.add_argument("--rss-records", type=int, default=1000, help="records per tar / Parquet file at 1x in the RSS case (0: skip)")
+    p.add_argument("--rss-engines", default="single,ray", help="the RSS case's builds: single (one process), ray (a Ray worker)")
     p.add_argument("--rss-only", action="store_true", help="only the RSS case (single process and a Ray worker)")
     p.add_argument("--dir", help="work folder (kept: the inputs are made once and reused; default a temporary one, removed)")
     p.add_argument("--json", help="write the JSON here too")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rss_only:
         scratch = Path(tempfile.mkdtemp(prefix="dsae-bench-sources-out-"))
         try:
-            rss = rss_case(files, scratch, args.rss_records, to)
+            rss = rss_case(files, scratch, args.rss_records, to, tuple(args.rss_engines.split(",")))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             if not args.dir:
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["tar_reader"] = tar_reader_rates(tars)
         result["draft"] = draft_case(work / f"draft-{args.draft_images}", args.draft_images, to)
         if args.rss_records:
-            result["rss"] = rss_case(files, scratch, args.rss_records, to)
+            result["rss"] = rss_case(files, scratch, args.rss_records, to, tuple(args.rss_engines.split(",")))
     finally:
         if started == "started":
             stop_local()
