@@ -131,7 +131,7 @@ class Worker:
         return {
             "index": self.index,
             "device": str(self.runner.device),
-            "threads": torch.get_num_threads(),
+            "threads": self.threads or torch.get_num_threads(),  # this call's thread may not have set it
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "node_id": _node_id(),

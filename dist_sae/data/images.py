@@ -57,7 +57,7 @@ def decode_image(data: bytes | str | Path | IO[bytes], mode: str = "gray", size:
     from PIL import Image
 
     with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as img:
-        if draft and size is not None and img.format == "JPEG":
+        if draft and size is not None and img.format in ("JPEG", "MPO"):  # MPO: phone photos, JPEG frames
             img.draft("L" if mode == "gray" else "RGB", (size[1], size[0]))
         img.load()
         if mode == "gray" and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

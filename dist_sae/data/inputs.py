@@ -38,6 +38,33 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _object_size(url: str) -> int | None:
+    """The object's size (one HEAD), None if there is no such object."""
+    import obstore
+
+    store, key = _store(url)
+
+    def head():
+        try:
+            return obstore.head(store, key)
+        except FileNotFoundError:  # obstore's NotFoundError is one
+            return None
+
+    meta = _call(url, head)
+    return None if meta is None else int(meta["size"])
+
+
+def _glob_match(url: str, pattern: str) -> bool:
+    """A glob over object names as over paths: `*`, `?` and `[...]` stay within one level (as
+    glob.glob on disk); a pattern with `**` is matched whole (its `**/` then needs one level or more)."""
+    import fnmatch
+
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(url, pattern)
+    parts, wanted = url.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
+
 def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tuple[str, int]]:
     """(location, bytes) of every input file a pattern names, local or an object-store URL, sorted.
 
@@ -45,7 +72,6 @@ def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tu
     glob (`*`, `?`, `[...]`) or a brace pattern ('DIR/train-{000000..000099}.tar'). A pattern that
     matches nothing, or a brace pattern with names that do not exist, is a DataError naming it.
     """
-    import fnmatch
     import glob
 
     pattern = str(pattern)
@@ -53,25 +79,32 @@ def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tu
     found: dict[str, int] = {}
     missing = []
     if is_url(pattern):
-        scheme, bucket, key = split_url(pattern)
-        literal = key.split("{")[0]
-        literal = next((literal[:i] for i, c in enumerate(literal) if c in "*?["), literal)
-        base = f"{scheme}://{bucket}/{literal.rpartition('/')[0]}".rstrip("/")
-        objects = {join(base, name): size for name, size in listing(base).items()}
-        for name in names:
-            name = name.rstrip("/")
-            if _has_glob(name):
-                hits = {u: s for u, s in objects.items() if fnmatch.fnmatchcase(u, name)}
-            elif name in objects:
-                hits = {name: objects[name]}
-            else:  # a prefix: every object under it with the suffix
-                hits = {u: s for u, s in objects.items() if u.startswith(name + "/") and u.lower().endswith(suffixes)}
-            missing += [name] if not hits else []
+        if len(names) == 1 and not _has_glob(pattern):  # an object, or a prefix: list it, not its parent
+            name = pattern.rstrip("/")
+            under = {join(name, rel): size for rel, size in listing(name).items()}
+            hits = {u: s for u, s in under.items() if u.lower().endswith(suffixes)}
+            if not hits:  # not a prefix with such files: the object itself
+                size = _object_size(name)
+                hits = {name: size} if size is not None else {}
             found.update(hits)
+        else:
+            # Braces and globs: list the folder above the first wildcard once, and match there.
+            scheme, bucket, key = split_url(pattern)
+            literal = key.split("{")[0]
+            literal = next((literal[:i] for i, c in enumerate(literal) if c in "*?["), literal)
+            base = f"{scheme}://{bucket}/{literal.rpartition('/')[0]}".rstrip("/")
+            objects = {join(base, name): size for name, size in listing(base).items()}
+            for name in names:
+                if _has_glob(name):
+                    hits = {u: s for u, s in objects.items() if _glob_match(u, name) and u.lower().endswith(suffixes)}
+                else:
+                    hits = {name: objects[name]} if name in objects else {}
+                missing += [name] if not hits else []
+                found.update(hits)
     else:
         for name in names:
             if _has_glob(name):
-                paths = [p for p in glob.glob(name, recursive=True) if os.path.isfile(p)]
+                paths = [p for p in glob.glob(name, recursive=True) if os.path.isfile(p) and p.lower().endswith(suffixes)]
             elif os.path.isdir(name):
                 paths = [os.path.join(root, f) for root, _, files in os.walk(name) for f in files if f.lower().endswith(suffixes)]
             else:

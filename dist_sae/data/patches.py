@@ -18,12 +18,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from dist_sae.data.storage import is_url, localize
+from dist_sae.data.storage import is_url, listing, localize
 from dist_sae.errors import DataError
 from dist_sae.data.sources import Range, Source, reblock
 from dist_sae.data.images import IMAGE_SUFFIXES, FileList, decode_image, image_files, load_image
@@ -251,6 +251,8 @@ class RecordPatchSource(Source):
         super().__init__()
         if patch < 1 or count < 1:
             raise DataError(f"patch size and count must be >= 1, got {patch} and {count}")
+        if getattr(records, "raw_pixels", False):
+            raise DataError(f"{records.path}: holds raw pixel rows, not encoded images; --from patches cuts its patches from images")
         self.records, self.patch, self.count, self.seed, self.whiten = records, patch, count, seed, whiten
         counts = records.item_counts()
         self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # record index of each item's first record
@@ -314,9 +316,12 @@ def image_set_kind(images: str | Path) -> str:
     for kind, suffixes in (("webdataset", (".tar",)), ("parquet", (".parquet", ".pq"))):
         if text.endswith(suffixes):
             return kind
-    if is_url(images) or not Path(images).is_dir():
-        return "images"  # an image folder on object storage (or an error naming the path)
-    names = {Path(f).suffix.lower() for _, _, fs in os.walk(images) for f in fs}
+    if is_url(images):  # a prefix: what its objects are (one listing, not a download)
+        names = {PurePosixPath(name).suffix.lower() for name in listing(str(images))}
+    elif Path(images).is_dir():
+        names = {Path(f).suffix.lower() for _, _, fs in os.walk(images) for f in fs}
+    else:
+        return "images"  # (an error naming the path follows)
     if names & {".tar"} and not names & IMAGE_SUFFIXES:
         return "webdataset"
     if names & {".parquet", ".pq"} and not names & IMAGE_SUFFIXES:

@@ -28,8 +28,22 @@ Payload = bytes | np.ndarray | Exception
 
 
 def part_name(location: str) -> str:
-    """How messages and skip lists name a part: its file name."""
+    """A part's file name (for a part named alone)."""
     return os.path.basename(str(location).rstrip("/"))
+
+
+def part_names(locations: list[str]) -> list[str]:
+    """How messages and skip lists name the parts: each one's path below the folder all of them
+    share ('2020/part-0.parquet', '2021/part-0.parquet'), so no two get one name; the file name
+    when they sit in one folder."""
+    split = [str(loc).rstrip("/").split("/") for loc in locations]
+    if not split:
+        return []
+    shared = 0
+    folders = [parts[:-1] for parts in split]
+    while all(len(f) > shared and f[shared] == folders[0][shared] for f in folders):
+        shared += 1
+    return ["/".join(parts[shared:]) for parts in split]
 
 
 class RecordSource(Source):
@@ -43,8 +57,14 @@ class RecordSource(Source):
         super().__init__()
         check_image_options(mode, fit)
         self.path, self.mode, self.size, self.fit, self.draft, self.scale = str(src), mode, size, fit, draft, scale
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # set by the subclass, with set_parts
         self.sizes: list[int] = []
+        self.names: list[str] = []  # each part's name in skip lists (part_names)
+
+    def set_parts(self, found: list[tuple[str, int]]) -> None:
+        """The parts, as expand_inputs found them: (location, bytes), sorted."""
+        self.parts, self.sizes = [loc for loc, _ in found], [size for _, size in found]
+        self.names = part_names(self.parts)
 
     # ---- what subclasses provide ---------------------------------------------------------------
 

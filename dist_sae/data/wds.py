@@ -21,7 +21,9 @@ member (dist_sae.bench.sources; docs/scaling.md), and a build spent a fifth of i
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,24 +49,56 @@ class TarError(Exception):
 
 
 BLOCK = 512
+SKIP_PIECE = 2**20  # bytes read at a time to pass a member of a stream without a length
+MAX_META = 2**20  # a pax or GNU long-name header larger than this is damage, not metadata
 
 
 def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:  # not a tar (an HTML error page, a gzip file named .tar)
+        raise TarError(f"not a tar header (a number field holds {text[:12]!r})") from None
 
 
 def _pax(data: bytes) -> dict[str, str]:
     """A pax extended header's records ('%d key=value\n')."""
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
+    try:
+        while pos < len(data) and data[pos:pos + 1] != b"\0":
+            length = int(data[pos:data.index(b" ", pos)])
+            if length <= 0:
+                raise ValueError(f"a record of length {length}")
+            key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+            out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+            pos += length
+        size = out.get("size")
+        if size is not None and not size.isdigit():
+            raise ValueError(f"size {size!r}")
+    except ValueError as exc:
+        raise TarError(f"a damaged pax header ({exc})") from None
     return out
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header's checksum: the sum of its bytes with the checksum field as spaces, as unsigned
+    bytes (POSIX) or, as some old writers did, signed ones (tarfile accepts both)."""
+    stored = _octal(header[148:156])
+    blanked = header[:148] + b" " * 8 + header[156:]
+    return stored in (sum(blanked), sum(b - 256 if b > 127 else b for b in blanked))
+
+
+def _length(fh) -> int | None:
+    """The file's length, where it has one (a local file, an object): a member past it is cut."""
+    size = getattr(fh, "size", None)
+    if size is not None:
+        return size
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
 
 
 def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
@@ -75,23 +109,28 @@ def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     45,600 members/s (header parsing into TarInfo objects) and the webdataset package, which wraps
     it, 43,500; this reader of the same formats (ustar, pax and GNU long names) 168,000
     (docs/sources_bench.json). tarfile had taken a fifth of a build's time.
-    Raises TarError for a truncated member or a header whose checksum is wrong.
+    A member that is not read is seeked past where the file has a length (a local file, an object:
+    the next ranged GET starts after it, so a 2 GB video member beside an image costs nothing),
+    else read in pieces of SKIP_PIECE bytes: memory holds at most the member that is read.
+    Raises TarError for a truncated member, a header whose checksum is wrong, or what is not a tar.
     """
     long_name: str | None = None
     pax: dict[str, str] = {}
+    length = _length(fh)
     while True:
         header = fh.read(BLOCK)
         if len(header) < BLOCK or header.count(0) == BLOCK:
             if header and header.count(0) != len(header):
                 raise TarError(f"a header is cut after {len(header)} bytes")
             return  # the end-of-archive blocks, or a tar without them that ends between members
-        stored = _octal(header[148:156])
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+        if not _checksum_ok(header):
             raise TarError("a damaged header (wrong checksum)")
         size = int(pax.get("size", _octal(header[124:136])))
         kind = header[156:157]
         padded = -(-size // BLOCK) * BLOCK
         if kind in (b"x", b"g", b"L"):  # metadata for the next member (g: global, ignored)
+            if size > MAX_META:
+                raise TarError(f"a {size}-byte metadata header")
             data = fh.read(padded)
             if len(data) < padded:
                 raise TarError("a header is cut")
@@ -119,7 +158,23 @@ def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         if kind in (b"0", b"\0", b"7"):
             yield name, size, read
         if not done:
-            read()  # skip the member's data (a stream: read, not seek, so an object keeps its buffer)
+            _skip(fh, padded, size, length, name)
+
+
+def _skip(fh, padded: int, size: int, length: int | None, name: str) -> None:
+    """Move past a member's `padded` bytes without keeping them; TarError if the file ends inside it."""
+    if length is not None:
+        start = fh.tell()
+        fh.seek(padded, 1)
+        if start + size > length:
+            raise TarError(f"truncated: {name} has {max(0, length - start)} of its {size} bytes")
+        return
+    left = padded
+    while left > 0:
+        got = len(fh.read(min(left, SKIP_PIECE)))
+        if got == 0:
+            raise TarError(f"truncated: {name} has {padded - left} of its {size} bytes")
+        left -= got
 
 
 def _members(fh) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
@@ -129,13 +184,13 @@ def _members(fh) -> Iterator[tuple[str, str, Callable[[], bytes]]]:
             yield *parts, read
 
 
-def tar_records(location: str, size: int | None = None, image_key: str | None = None) -> Iterator[tuple[str, Payload]]:
+def tar_records(location: str, size: int | None = None, image_key: str | None = None, name: str | None = None) -> Iterator[tuple[str, Payload]]:
     """The records of one tar, in member order: (tar:key, image bytes or why there is none).
 
     A tar that ends inside a member (truncated) or holds a damaged header ends with one entry for
-    the record it was in; an empty tar is one entry naming the tar.
+    the record it was in; an empty tar is one entry naming the tar (`name`, by default its file name).
     """
-    name = part_name(location)
+    name = name or part_name(location)
     wanted = (image_key,) if image_key else IMAGE_EXTS
     with open_input(location, size) as fh:
         key, exts, image, seen = None, [], None, False
@@ -192,8 +247,7 @@ class WebDatasetSource(RecordSource):
             raise DataError(f"tars per shard (--shard-rows) must be >= 1, got {tars_per_shard}")
         self.image_key = image_key.lower().lstrip(".") if image_key else None
         self.tars_per_shard = tars_per_shard
-        found = expand_inputs(src, (".tar",), "tar")
-        self.parts, self.sizes = [loc for loc, _ in found], [size for _, size in found]
+        self.set_parts(expand_inputs(src, (".tar",), "tar"))
         self.rows = None  # known only after reading (records without an image, bad images)
         self.setup_shape()
 
@@ -206,7 +260,7 @@ class WebDatasetSource(RecordSource):
         return self.tars_per_shard
 
     def item_records(self, k: int) -> Iterator[tuple[str, Payload]]:
-        yield from tar_records(self.parts[k], self.sizes[k], self.image_key)
+        yield from tar_records(self.parts[k], self.sizes[k], self.image_key, self.names[k])
 
     def item_counts(self) -> list[int]:
         return [count_records(loc, size) for loc, size in zip(self.parts, self.sizes)]

@@ -166,7 +166,9 @@ def finalize(
         w1 += g1[:, None] * sums["S_W"] / m
         b1 += g1 * sums["S_b"] / m
     recon = float(sums["recon"]) / m
-    weight_decay = 0.5 * float(np.dot(decay * theta, theta))
+    # np.sum (pairwise, one thread), not np.dot: BLAS threads a long dot product and its last bit
+    # then depends on the process's BLAS thread count (a Ray actor's differs from --local's).
+    weight_decay = 0.5 * float(np.sum(decay * theta * theta))
     if obj.kind == "kl":
         sparsity = state.penalty
     elif obj.kind == "l1":
@@ -175,7 +177,7 @@ def finalize(
         sparsity = 0.0
     auxk = obj.auxk_coef * float(sums["auxk"]) / m if obj.auxk else 0.0
     # FVU = Σ‖x̂−x‖² / Σ‖x − x̄‖², with Σ‖x − x̄‖² = Σ‖x‖² − m‖x̄‖².
-    total_var = float(sums["sum_x2"]) - float(np.dot(sums["sum_x"], sums["sum_x"])) / m
+    total_var = float(sums["sum_x2"]) - float(np.sum(sums["sum_x"] * sums["sum_x"])) / m
     stats = {
         "fvu": 2.0 * float(sums["recon"]) / total_var if total_var > 0 else float("nan"),
         "clamped": state.clamped,

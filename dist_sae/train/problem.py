@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from dist_sae.config import Config
 from dist_sae.data.dataset import Dataset, ShardInfo
@@ -56,7 +57,10 @@ class LocalEvaluator:
         self.units = units if units is not None else pass_units(runner.cfg, runner.dataset)  # (its caller's, when cut already)
         self.rows = runner.dataset.rows
         self._version = 0
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch")  # one thread for all passes
+        # One thread for all passes; it converts blocks (data.transform) with the runner's torch
+        # thread count, not its own default (every core, beside the compute threads).
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="dist-sae-prefetch", initializer=torch.set_num_threads,
+                                         initargs=(torch.get_num_threads(),))
         self.progress = None  # optional (kind, rows) -> progress bar with update(n) and close()
 
     def run(self, kind: str, theta: np.ndarray, units: list[WorkUnit], g: list[np.ndarray] | None = None) -> tuple[Sums, dict[str, float]]:

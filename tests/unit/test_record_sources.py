@@ -8,6 +8,7 @@ nothing written. The Ray builds (1, 2, 3 workers) are in tests/cluster/test_reco
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -166,6 +167,17 @@ def test_draft_decode_is_close_to_the_exact_one_but_not_equal():
     assert 0 < diff.max() < 0.25 and diff.mean() < 0.02, (diff.max(), diff.mean())
     png = encoded_images(1, seed=2, size=(64, 64), fmt="PNG")[0]  # draft mode is JPEG-only: a PNG decodes exactly
     np.testing.assert_array_equal(decode_image(png, "gray", (16, 16), draft=True), decode_image(png, "gray", (16, 16)))
+    # MPO (a phone camera's JPEG with a second frame) is a JPEG to draft mode too: its first frame, drafted.
+    import io
+
+    from PIL import Image
+
+    frame = Image.open(io.BytesIO(jpeg))
+    buf = io.BytesIO()
+    frame.save(buf, format="MPO", save_all=True, append_images=[frame], quality=95)
+    mpo = buf.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert not np.array_equal(decode_image(mpo, "gray", (32, 32), draft=True), decode_image(mpo, "gray", (32, 32)))
 
 
 def test_patches_from_tars_and_parquet_follow_the_folder_rule(inputs, tmp_path):
@@ -215,6 +227,25 @@ def test_object_storage_reads_in_place_with_the_local_result(inputs, local_s3, t
         assert [(n, r()) for n, _, r in tar_members(remote)] == [(n, r()) for n, _, r in tar_members(fh)]
     rc = main(["data", "build", "--from", "webdataset", f"{bucket}/wds/nope-*.tar", "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()
+    # Patterns as on disk: `*` stays within a level, a glob keeps the suffix, a prefix is listed
+    # itself (not the bucket), one object is one HEAD.
+    from dist_sae.data.inputs import expand_inputs
+
+    tar_bytes = (root / "wds" / "train-000001.tar").read_bytes()
+    for key in ("nested/t.tar", "nested/deeper/t.tar", "nested/t.tar.idx"):
+        s3.put_object(Bucket="dsae-records", Key=key, Body=tar_bytes)
+    assert [u for u, _ in expand_inputs(f"{bucket}/nested/*", (".tar",), "tar")] == [f"{bucket}/nested/t.tar"]
+    before = len(local_s3.log_path.read_text().splitlines())
+    assert expand_inputs(f"{bucket}/wds/train-000001.tar", (".tar",), "tar") == [(f"{bucket}/wds/train-000001.tar", len(tar_bytes))]
+    assert len(expand_inputs(f"{bucket}/wds/", (".tar",), "tar")) == 4
+    requests = local_s3.log_path.read_text().splitlines()[before:]
+    lists = [line for line in requests if "list-type=2" in line]
+    assert lists and all("prefix=wds" in line for line in lists), lists  # never the whole bucket
+    # --from patches --images on object storage: a prefix of tars or Parquet is that kind, found
+    # by one listing (not taken for an image folder and downloaded).
+    from dist_sae.data.patches import image_set_kind
+
+    assert (image_set_kind(f"{bucket}/wds"), image_set_kind(f"{bucket}/hf/")) == ("webdataset", "parquet")
 
 
 def test_a_build_process_peak_rss_does_not_grow_with_the_tar_or_parquet_file(tmp_path):
@@ -257,3 +288,96 @@ def test_the_tar_reader_reads_what_tarfile_reads(tmp_path, fmt):
     with open(path, "rb") as fh:
         got = [(name, read()) for name, _, read in tar_members(fh)]
     assert got == ref and [n for n, _ in got] == names
+
+
+def test_files_that_are_not_tars_are_skipped_and_listed(inputs, tmp_path, capsys):
+    """A folder of tars with an HTML error page and a gzip file named .tar among them: both skipped,
+    named in dataset.json, the good tars built."""
+    import gzip
+
+    _, images = inputs
+    tars = write_tars(tmp_path / "wds", images[:24], PER_TAR)
+    (tmp_path / "wds" / "train-000000x.tar").write_bytes(b"<html><body>503 Service Unavailable</body></html>" * 40)
+    (tmp_path / "wds" / "train-000001x.tar").write_bytes(gzip.compress(tars[0].read_bytes()))
+    rc, out, _ = cli(["--from", "webdataset", tmp_path / "wds", "--out", tmp_path / "ds"], capsys)
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert rc == 0 and sorted(meta["skipped"]["files"]) == ["train-000000x.tar", "train-000001x.tar"], meta["skipped"]
+    assert all("not a tar" in why for why in meta["skipped"]["files"].values()), meta["skipped"]
+    np.testing.assert_array_equal(read_all(tmp_path / "ds"), expected_rows(images[:24]))
+
+
+class _Stream:
+    """A file object with read() only (no length, no seek): a pipe, say."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._buf.read(n)
+
+
+def test_members_not_read_are_passed_by_seek_or_in_pieces_and_a_cut_one_is_found(tmp_path):
+    """A 3 MB member that is not read: passed by seeking (a file) or in 1 MB pieces (a stream), the
+    same members either way; the tar cut inside it raises TarError both ways."""
+    import io
+    import tarfile
+
+    from dist_sae.data.wds import TarError, tar_members
+
+    rng = np.random.default_rng(3)
+    members = [("000000.jpg", rng.bytes(700)), ("000000.npy", rng.bytes(3 * 2**20 + 5)), ("000001.jpg", rng.bytes(900))]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    wanted = {"000000.jpg", "000001.jpg"}
+
+    def images(fh):
+        return [(name, read()) for name, _, read in tar_members(fh) if name in wanted]
+
+    expected = [(n, d) for n, d in members if n in wanted]
+    with open(path, "rb") as fh:
+        assert images(fh) == expected
+    assert images(_Stream(path.read_bytes())) == expected
+    cut = path.read_bytes()[: 512 + 1024 + 512 + 2**20]  # inside the .npy member's data
+    (tmp_path / "cut.tar").write_bytes(cut)
+    with open(tmp_path / "cut.tar", "rb") as fh, pytest.raises(TarError, match="truncated: 000000.npy"):
+        images(fh)
+    with pytest.raises(TarError, match="truncated: 000000.npy"):
+        images(_Stream(cut))
+
+
+def test_a_header_with_a_signed_checksum_is_read():
+    """Some old writers summed the header as signed bytes; tarfile accepts that, and so does the reader."""
+    import io
+    import tarfile
+
+    from dist_sae.data.wds import tar_members
+
+    info = tarfile.TarInfo("caf\xe9.jpg")
+    info.size = 3
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT, encoding="latin-1"))
+    blanked = header[:148] + b" " * 8 + header[156:]
+    signed = sum(b - 256 if b > 127 else b for b in blanked)
+    header[148:156] = b"%06o\0 " % signed
+    data = bytes(header) + b"abc".ljust(512, b"\0") + b"\0" * 1024
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:  # the reference reads it too
+        assert tf.extractfile(tf.getmembers()[0]).read() == b"abc"
+    assert [(n, read()) for n, _, read in tar_members(io.BytesIO(data))] == [("caf\ufffd.jpg", b"abc")]
+
+
+def test_parts_with_one_file_name_in_two_folders_are_named_apart(inputs, tmp_path, capsys):
+    """Hive-style folders (a/train-000000.tar, b/train-000000.tar), a bad record at the same key in
+    both: two entries in the skip list, named by their path below the shared folder."""
+    _, images = inputs
+    bad = list(images[:PER_TAR])
+    bad[3] = images[3][:200]
+    write_tars(tmp_path / "wds" / "a", bad, PER_TAR)
+    write_tars(tmp_path / "wds" / "b", bad, PER_TAR)
+    rc, out, _ = cli(["--from", "webdataset", tmp_path / "wds", "--out", tmp_path / "ds"], capsys)
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert rc == 0 and meta["skipped"]["count"] == 2, meta["skipped"]
+    assert sorted(meta["skipped"]["files"]) == ["a/train-000000.tar:000003", "b/train-000000.tar:000003"]
+    assert meta["rows"] == 2 * (PER_TAR - 1)
