@@ -6,7 +6,7 @@ one row group at a time; pyarrow reads them). The column holds, per row, either 
 (binary), the Hugging Face `datasets` struct {bytes, path} of its Image feature, or raw pixel
 values (a list of numbers of one length: the row itself, uint8 scaled to [0, 1] unless scale=False).
 
-The cut: row groups. Every footer is read up front (one small ranged read per file), so the row
+The cut: row groups. Every footer is read up front (a small ranged read per file, 16 at once), so the row
 count and each group's rows are known; an item is one row group, and shard k holds whole groups,
 cut at the group boundary nearest each multiple of `--shard-rows` rows (from the footers alone, so
 the same for any number of workers). A group is read in batches of BATCH_ROWS rows, its pages
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from dist_sae.errors import DataError, DistSaeError
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 64  # rows per decoded batch: 64 encoded images of ~100 KB is ~6 MB held, whatever the group size
+FOOTER_READS = 16  # footers read at once when the build starts (each a ranged GET or two on object storage)
 READ_BUFFER = 2**20  # bytes per read of a column chunk: pages are streamed, the chunk is never held whole
 
 Opener = Callable[[str, int | None], Any]  # (location, bytes) -> a seekable binary file object
@@ -124,16 +126,13 @@ class ParquetSource(RecordSource):
         self._plan: tuple[int, int] | None = None  # (groups per shard returned, rows asked) by items_per_shard
         columns_seen: list[str] = []
         found = expand_inputs(src, (".parquet", ".pq"), "Parquet")
-        for (loc, nbytes), name in zip(found, part_names([loc for loc, _ in found])):
-            try:
-                meta, schema = self._footer(loc, nbytes)
-            except DistSaeError:
-                raise
-            except Exception as exc:
-                if not _data_error(exc):
-                    raise
-                self.skip(name, DataError(f"not a readable Parquet file ({type(exc).__name__}: {exc})"))
+        for (loc, nbytes), name, footer in zip(found, part_names([loc for loc, _ in found]), self._footers(found)):
+            if isinstance(footer, Exception):
+                if isinstance(footer, DistSaeError) or not _data_error(footer):
+                    raise footer
+                self.skip(name, DataError(f"not a readable Parquet file ({type(footer).__name__}: {footer})"))
                 continue
+            meta, schema = footer
             if column not in schema.names:
                 columns_seen = columns_seen or list(schema.names)
                 self.skip(name, DataError(f"no column {column!r} (its columns: {', '.join(schema.names)})"))
@@ -193,6 +192,21 @@ class ParquetSource(RecordSource):
             return err
         return DataError(f"{location} cannot be read ({type(err).__name__}: {err}); the build stops, since skipping what a failed read "
                          "lost would build another dataset from the same input")
+
+    def _footers(self, found: list[tuple[str, int]]) -> list[Any]:
+        """Each file's (metadata, arrow schema), or the exception its footer raised, in the files' order.
+        FOOTER_READS at a time: on object storage a footer is one or two ranged GETs of latency, and
+        thousands of files read one by one would keep a build waiting before it starts."""
+        def footer(item: tuple[str, int]) -> Any:
+            try:
+                return self._footer(*item)
+            except Exception as exc:  # judged by the caller, in order: the first bad file decides
+                return exc
+
+        if len(found) == 1:
+            return [footer(found[0])]
+        with ThreadPoolExecutor(min(FOOTER_READS, len(found)), thread_name_prefix="dist-sae-footer") as pool:
+            return list(pool.map(footer, found))
 
     def _footer(self, loc: str, nbytes: int):
         watched = _Watched(self.opener(loc, nbytes))

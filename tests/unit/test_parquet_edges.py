@@ -234,3 +234,34 @@ def test_patches_refuse_a_column_of_raw_pixel_rows(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "raw pixel rows, not encoded images" in err and err.count("error:") == 1
     assert not out.exists() and not (tmp_path / "patches.partial").exists()
+
+
+def test_footers_are_read_at_once_and_judged_in_file_order(tmp_path):
+    """On object storage a footer costs a round trip, so they are read FOOTER_READS at a time; the
+    parts, their groups and the skip list still follow the sorted file list."""
+    import threading
+    import time
+
+    from dist_sae.data.inputs import open_input
+
+    sizes = [3, 5, 2, 4, 6, 1]
+    for i, rows in enumerate(sizes):
+        binary_file(tmp_path / f"p{i}.parquet", encoded_images(rows, seed=i, size=SIZE), 2)
+    (tmp_path / "p2.parquet").write_bytes(b"PAR1 not a footer")
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(loc, size):  # a round trip of latency per open, counting the opens in flight
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return open_input(loc, size)
+
+    src = ParquetSource(str(tmp_path), opener=slow)
+    assert peak[0] > 1
+    assert list(src.skipped) == ["p2.parquet"]
+    assert src.names == ["p0.parquet", "p1.parquet", "p3.parquet", "p4.parquet", "p5.parquet"]
+    assert [g[2] for g in src.groups] == [2, 1, 2, 2, 1, 2, 2, 2, 2, 2, 1]
+    assert [src.names[g[0]] for g in src.groups][:3] == ["p0.parquet"] * 2 + ["p1.parquet"]
