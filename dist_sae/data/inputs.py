@@ -54,15 +54,44 @@ def _object_size(url: str) -> int | None:
     return None if meta is None else int(meta["size"])
 
 
-def _glob_match(url: str, pattern: str) -> bool:
-    """A glob over object names as over paths: `*`, `?` and `[...]` stay within one level (as
-    glob.glob on disk); a pattern with `**` is matched whole (its `**/` then needs one level or more)."""
-    import fnmatch
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """What glob.glob(pattern, recursive=True) means on disk, over '/'-separated object names: `*`,
+    `?` and `[...]` stay within one level; `**` as a whole level is zero or more levels ('a/**/*.tar'
+    finds a/x.tar and a/b/c/x.tar; a trailing '**' everything below)."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        level_start = i == 0 or pattern[i - 1] == "/"
+        if level_start and pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif level_start and pattern.startswith("**", i) and i + 2 == n:
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = i + 1 + (pattern[i + 1:i + 2] in ("!", "^"))
+            j = pattern.find("]", j + (pattern[j:j + 1] == "]"))  # a ']' first in the set is one of its characters
+            if j < 0:
+                out.append(re.escape(c))
+                i += 1
+                continue
+            body = pattern[i + 1:j].replace("\\", "\\\\")
+            out.append("(?!/)[" + ("^" + body[1:] if body[:1] in ("!", "^") else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out))
 
-    if "**" in pattern:
-        return fnmatch.fnmatchcase(url, pattern)
-    parts, wanted = url.split("/"), pattern.split("/")
-    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
+def _glob_match(url: str, pattern: str) -> bool:
+    return _glob_regex(pattern).fullmatch(url) is not None
 
 
 def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tuple[str, int]]:
@@ -97,8 +126,11 @@ def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tu
             for name in names:
                 if _has_glob(name):
                     hits = {u: s for u, s in objects.items() if _glob_match(u, name) and u.lower().endswith(suffixes)}
-                else:
-                    hits = {name: objects[name]} if name in objects else {}
+                elif name in objects:
+                    hits = {name: objects[name]}
+                else:  # a prefix, as a local name may be a folder: the files under it
+                    under = name.rstrip("/") + "/"
+                    hits = {u: s for u, s in objects.items() if u.startswith(under) and u.lower().endswith(suffixes)}
                 missing += [name] if not hits else []
                 found.update(hits)
     else:

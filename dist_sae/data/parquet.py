@@ -22,6 +22,7 @@ build a different dataset from the same input; and a column no file has.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -128,11 +129,9 @@ class ParquetSource(RecordSource):
         found = expand_inputs(src, (".parquet", ".pq"), "Parquet")
         for (loc, nbytes), name, footer in zip(found, part_names([loc for loc, _ in found]), self._footers(found)):
             if isinstance(footer, Exception):
-                if isinstance(footer, DistSaeError) or not _data_error(footer):
-                    raise footer
                 self.skip(name, DataError(f"not a readable Parquet file ({type(footer).__name__}: {footer})"))
                 continue
-            meta, schema = footer
+            group_rows, schema = footer
             if column not in schema.names:
                 columns_seen = columns_seen or list(schema.names)
                 self.skip(name, DataError(f"no column {column!r} (its columns: {', '.join(schema.names)})"))
@@ -151,8 +150,7 @@ class ParquetSource(RecordSource):
             self.parts.append(loc)
             self.sizes.append(nbytes)
             self.names.append(name)
-            for g in range(meta.num_row_groups):
-                rows = meta.row_group(g).num_rows
+            for g, rows in enumerate(group_rows):
                 self.groups.append((part, g, rows, first))
                 first += rows
         if not self.parts:
@@ -193,26 +191,46 @@ class ParquetSource(RecordSource):
         return DataError(f"{location} cannot be read ({type(err).__name__}: {err}); the build stops, since skipping what a failed read "
                          "lost would build another dataset from the same input")
 
-    def _footers(self, found: list[tuple[str, int]]) -> list[Any]:
-        """Each file's (metadata, arrow schema), or the exception its footer raised, in the files' order.
-        FOOTER_READS at a time: on object storage a footer is one or two ranged GETs of latency, and
-        thousands of files read one by one would keep a build waiting before it starts."""
-        def footer(item: tuple[str, int]) -> Any:
+    def _footers(self, found: list[tuple[str, int]]) -> Iterator[tuple[list[int], Any] | Exception]:
+        """Each file's (rows of each row group, arrow schema), or the data error its footer raised
+        (a file to skip), in the files' order. FOOTER_READS at a time: on object storage a footer is
+        a ranged GET or two of latency, and thousands of files read one by one would keep a build
+        waiting. A failed read raises as soon as its file's turn comes and cancels the reads not yet
+        begun; a footer is dropped once judged (only its row counts are kept)."""
+        def footer(item: tuple[str, int]) -> tuple[list[int], Any] | Exception:
             try:
                 return self._footer(*item)
-            except Exception as exc:  # judged by the caller, in order: the first bad file decides
+            except DistSaeError:
+                raise
+            except Exception as exc:
+                if not _data_error(exc):
+                    raise
                 return exc
 
-        if len(found) == 1:
-            return [footer(found[0])]
-        with ThreadPoolExecutor(min(FOOTER_READS, len(found)), thread_name_prefix="dist-sae-footer") as pool:
-            return list(pool.map(footer, found))
+        pool = ThreadPoolExecutor(min(FOOTER_READS, len(found)), thread_name_prefix="dist-sae-footer")
+        try:
+            pending = deque(pool.submit(footer, item) for item in found)
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _footer(self, loc: str, nbytes: int):
-        watched = _Watched(self.opener(loc, nbytes))
+    def _opened(self, loc: str, nbytes: int | None) -> _Watched:
+        """The file through the opener; a failed open stops the build like a failed read (it is no
+        sign of a bad file)."""
+        try:
+            return _Watched(self.opener(loc, nbytes))
+        except DistSaeError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{loc} cannot be opened ({type(exc).__name__}: {exc})") from exc
+
+    def _footer(self, loc: str, nbytes: int) -> tuple[list[int], Any]:
+        watched = self._opened(loc, nbytes)
         try:
             pf = self._parquet_file(watched)
-            return pf.metadata, pf.schema_arrow
+            meta = pf.metadata
+            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], pf.schema_arrow
         except DistSaeError:
             raise
         except Exception as exc:
@@ -262,7 +280,7 @@ class ParquetSource(RecordSource):
     def _file(self, part: int):
         if self._open is None or self._open[0] != part:
             self.close()
-            watched = _Watched(self.opener(self.parts[part], self.sizes[part]))
+            watched = self._opened(self.parts[part], self.sizes[part])
             try:
                 self._open = (part, watched, self._parquet_file(watched))
             except BaseException:

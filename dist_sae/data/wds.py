@@ -15,7 +15,7 @@ WebDataset shards are already sized as units of parallel work (hundreds to thous
 
 Members are read as a stream (over a local file or a ranged reader of the object): memory holds
 one member, never the tar. The tar reader is tar_members below, not the standard library's tarfile
-nor the webdataset package (which iterates tarfile itself): measured 3.7x faster than either per
+nor the webdataset package (which iterates tarfile itself): measured 3.9x faster than either per
 member (dist_sae.bench.sources; docs/scaling.md), and a build spent a fifth of its time in tarfile.
 """
 
@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dist_sae.data.inputs import expand_inputs, open_input
+from dist_sae.data.inputs import READ_BUFFER, expand_inputs, open_input
 from dist_sae.data.records import Payload, RecordSource, part_name
 from dist_sae.errors import DataError
 
@@ -50,6 +50,8 @@ class TarError(Exception):
 
 BLOCK = 512
 SKIP_PIECE = 2**20  # bytes read at a time to pass a member of a stream without a length
+SEEK_PAST = READ_BUFFER  # members at least this big that nobody reads are passed by a seek (the object reader's buffer: a seek drops it)
+_OCTAL = re.compile(rb"[0-7]+")
 MAX_META = 2**20  # a pax or GNU long-name header larger than this is damage, not metadata
 
 
@@ -57,10 +59,9 @@ def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:  # not a tar (an HTML error page, a gzip file named .tar)
-        raise TarError(f"not a tar header (a number field holds {text[:12]!r})") from None
+    if text and not _OCTAL.fullmatch(text):  # not a tar (an HTML error page, a gzip file named .tar); int() would take '-1' or '1_0'
+        raise TarError(f"not a tar header (a number field holds {text[:12]!r})")
+    return int(text, 8) if text else 0
 
 
 def _pax(data: bytes) -> dict[str, str]:
@@ -75,7 +76,7 @@ def _pax(data: bytes) -> dict[str, str]:
             out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
             pos += length
         size = out.get("size")
-        if size is not None and not size.isdigit():
+        if size is not None and not re.fullmatch(r"[0-9]+", size):  # ASCII digits only: str.isdigit takes '²'
             raise ValueError(f"size {size!r}")
     except ValueError as exc:
         raise TarError(f"a damaged pax header ({exc})") from None
@@ -104,7 +105,7 @@ def _length(fh) -> int | None:
         return None
 
 
-def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+def tar_members(fh, seek_past: int = SEEK_PAST) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """The regular files of a tar read as a stream: (name, size, read), where read() returns the
     member's bytes and must be called before the next member is asked for (or the member is skipped).
 
@@ -112,9 +113,11 @@ def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     33,800 members/s (header parsing into TarInfo objects) and the webdataset package, which wraps
     it, 30,300; this reader of the same formats (ustar, pax and GNU long names) 133,000
     (docs/sources_bench.json). tarfile had taken a fifth of a build's time.
-    A member that is not read is seeked past where the file has a length (a local file, an object:
-    the next ranged GET starts after it, so a 2 GB video member beside an image costs nothing),
-    else read in pieces of SKIP_PIECE bytes: memory holds at most the member that is read.
+    A member that is not read is read past in pieces of SKIP_PIECE bytes (memory holds at most the
+    member that is read), or, from `seek_past` bytes on and where the file has a length (a local file,
+    an object), seeked past: the next ranged GET starts after it, so a 2 GB video member beside an
+    image costs nothing. Smaller members are read, not seeked: the object reader drops its buffer on
+    a seek, and a seek per .cls member would be a ranged GET per member.
     Raises TarError for a truncated member, a header whose checksum is wrong, or what is not a tar.
     """
     long_name: str | None = None
@@ -128,7 +131,7 @@ def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
             return  # the end-of-archive blocks, or a tar without them that ends between members
         if not _checksum_ok(header):
             raise TarError("a damaged header (wrong checksum)")
-        size = int(pax.get("size", _octal(header[124:136])))
+        size = int(pax.get("size", _octal(header[124:136])))  # >= 0: digits only, or base-256 without its sign
         kind = header[156:157]
         padded = -(-size // BLOCK) * BLOCK
         if kind in (b"x", b"g", b"L"):  # metadata for the next member (g: global, ignored)
@@ -161,11 +164,12 @@ def tar_members(fh) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         if kind in (b"0", b"\0", b"7"):
             yield name, size, read
         if not done:
-            _skip(fh, padded, size, length, name)
+            _skip(fh, padded, size, length if padded >= seek_past else None, name)
 
 
 def _skip(fh, padded: int, size: int, length: int | None, name: str) -> None:
-    """Move past a member's `padded` bytes without keeping them; TarError if the file ends inside it."""
+    """Move past a member's `padded` bytes without keeping them (by a seek when the file's `length`
+    is given); TarError if the file ends inside its data (the padding after it may be missing)."""
     if length is not None:
         start = fh.tell()
         fh.seek(padded, 1)
@@ -176,6 +180,8 @@ def _skip(fh, padded: int, size: int, length: int | None, name: str) -> None:
     while left > 0:
         got = len(fh.read(min(left, SKIP_PIECE)))
         if got == 0:
+            if padded - left >= size:
+                return  # the data is whole; a tar without its last padding
             raise TarError(f"truncated: {name} has {padded - left} of its {size} bytes")
         left -= got
 

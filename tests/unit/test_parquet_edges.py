@@ -238,7 +238,7 @@ def test_patches_refuse_a_column_of_raw_pixel_rows(tmp_path, capsys):
 
 def test_footers_are_read_at_once_and_judged_in_file_order(tmp_path):
     """On object storage a footer costs a round trip, so they are read FOOTER_READS at a time; the
-    parts, their groups and the skip list still follow the sorted file list."""
+    parts, their groups and the skip list still follow the sorted file list (and test_the_first_failed_footer_read_in_file_order_stops_the_rest)."""
     import threading
     import time
 
@@ -265,3 +265,36 @@ def test_footers_are_read_at_once_and_judged_in_file_order(tmp_path):
     assert src.names == ["p0.parquet", "p1.parquet", "p3.parquet", "p4.parquet", "p5.parquet"]
     assert [g[2] for g in src.groups] == [2, 1, 2, 2, 1, 2, 2, 2, 2, 2, 1]
     assert [src.names[g[0]] for g in src.groups][:3] == ["p0.parquet"] * 2 + ["p1.parquet"]
+
+
+def test_the_first_failed_footer_read_in_file_order_stops_the_rest(tmp_path):
+    """Of two failed reads the one of the earlier file is reported, though the later one failed
+    first; the footers not yet begun are never read. An opener that fails with an OSError of its
+    own stops the build too (a failed open says nothing about the file's bytes)."""
+    import time
+
+    from dist_sae.data.inputs import open_input
+
+    for i in range(48):
+        binary_file(tmp_path / f"p{i:02d}.parquet", encoded_images(1, seed=i, size=SIZE), 1)
+    opened = []
+
+    def flaky(loc, size):
+        opened.append(loc)
+        if loc.endswith("p03.parquet"):
+            raise StorageError(f"{loc}: GET failed after 10 retries (the later file, failing first)")
+        if loc.endswith("p01.parquet"):
+            time.sleep(0.1)
+            raise StorageError(f"{loc}: GET failed after 10 retries")
+        time.sleep(0 if loc.endswith("p00.parquet") else 0.5)
+        return open_input(loc, size)
+
+    with pytest.raises(StorageError, match="p01.parquet"):
+        ParquetSource(str(tmp_path), opener=flaky)
+    assert len(opened) < 32  # 16 at once: the queue was cancelled at p01's turn
+
+    def refusing(loc, size):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(DataError, match="p00.parquet cannot be opened .PermissionError"):
+        ParquetSource(str(tmp_path), opener=refusing)

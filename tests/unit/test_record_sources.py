@@ -225,16 +225,27 @@ def test_object_storage_reads_in_place_with_the_local_result(inputs, local_s3, t
         remote.seek(0)
         fh.seek(0)
         assert [(n, r()) for n, _, r in tar_members(remote)] == [(n, r()) for n, _, r in tar_members(fh)]
+    # The .cls members nobody reads are read past in the reader's buffer, not seeked past (a seek
+    # drops obstore's buffer: one ranged GET per member): a tar under 8 MB is one GET.
+    from dist_sae.data.wds import count_records, tar_records
+
+    before = local_s3.gets("/wds/train-000001.tar")
+    assert len(list(tar_records(f"{bucket}/wds/{tar.name}", tar.stat().st_size))) == 12
+    assert count_records(f"{bucket}/wds/{tar.name}", tar.stat().st_size) == 12
+    assert local_s3.gets("/wds/train-000001.tar") - before == 2  # one each
     rc = main(["data", "build", "--from", "webdataset", f"{bucket}/wds/nope-*.tar", "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()
     # Patterns as on disk: `*` stays within a level, a glob keeps the suffix, a prefix is listed
-    # itself (not the bucket), one object is one HEAD.
+    # itself (not the bucket; a single object: that listing finds nothing under it, then one HEAD).
     from dist_sae.data.inputs import expand_inputs
 
     tar_bytes = (root / "wds" / "train-000001.tar").read_bytes()
     for key in ("nested/t.tar", "nested/deeper/t.tar", "nested/t.tar.idx"):
         s3.put_object(Bucket="dsae-records", Key=key, Body=tar_bytes)
     assert [u for u, _ in expand_inputs(f"{bucket}/nested/*", (".tar",), "tar")] == [f"{bucket}/nested/t.tar"]
+    assert [u for u, _ in expand_inputs(f"{bucket}/nested/**/*.tar", (".tar",), "tar")] == [f"{bucket}/nested/deeper/t.tar", f"{bucket}/nested/t.tar"]
+    braced = [u for u, _ in expand_inputs(f"{bucket}/{{nested,wds}}", (".tar",), "tar")]  # brace names may be prefixes, as folders
+    assert braced[:2] == [f"{bucket}/nested/deeper/t.tar", f"{bucket}/nested/t.tar"] and len(braced) == 6
     before = len(local_s3.log_path.read_text().splitlines())
     assert expand_inputs(f"{bucket}/wds/train-000001.tar", (".tar",), "tar") == [(f"{bucket}/wds/train-000001.tar", len(tar_bytes))]
     assert len(expand_inputs(f"{bucket}/wds/", (".tar",), "tar")) == 4
@@ -317,8 +328,9 @@ class _Stream:
 
 
 def test_members_not_read_are_passed_by_seek_or_in_pieces_and_a_cut_one_is_found(tmp_path):
-    """A 3 MB member that is not read: passed by seeking (a file) or in 1 MB pieces (a stream), the
-    same members either way; the tar cut inside it raises TarError both ways."""
+    """A 3 MB member that is not read: passed by seeking (a file, from `seek_past` bytes on) or in
+    1 MB pieces (a stream, or a member under `seek_past`), the same members every way; the tar cut
+    inside it raises TarError every way; a tar whose last padding is missing is whole."""
     import io
     import tarfile
 
@@ -334,19 +346,59 @@ def test_members_not_read_are_passed_by_seek_or_in_pieces_and_a_cut_one_is_found
             tf.addfile(info, io.BytesIO(data))
     wanted = {"000000.jpg", "000001.jpg"}
 
-    def images(fh):
-        return [(name, read()) for name, _, read in tar_members(fh) if name in wanted]
+    class Counted(io.FileIO):  # a local file that counts its seeks
+        seeks = 0
+
+        def seek(self, *args):
+            Counted.seeks += 1
+            return super().seek(*args)
+
+    def images(fh, seek_past=2**20):
+        return [(name, read()) for name, _, read in tar_members(fh, seek_past) if name in wanted]
 
     expected = [(n, d) for n, d in members if n in wanted]
-    with open(path, "rb") as fh:
-        assert images(fh) == expected
+    with Counted(path) as fh:
+        assert images(fh) == expected and Counted.seeks == 1  # the .npy member, seeked past
+    Counted.seeks = 0
+    with Counted(path) as fh:
+        assert images(fh, seek_past=8 * 2**20) == expected and Counted.seeks == 0  # under 8 MB: read past
     assert images(_Stream(path.read_bytes())) == expected
     cut = path.read_bytes()[: 512 + 1024 + 512 + 2**20]  # inside the .npy member's data
     (tmp_path / "cut.tar").write_bytes(cut)
-    with open(tmp_path / "cut.tar", "rb") as fh, pytest.raises(TarError, match="truncated: 000000.npy"):
-        images(fh)
+    for seek_past in (2**20, 8 * 2**20):
+        with open(tmp_path / "cut.tar", "rb") as fh, pytest.raises(TarError, match="truncated: 000000.npy"):
+            images(fh, seek_past)
     with pytest.raises(TarError, match="truncated: 000000.npy"):
         images(_Stream(cut))
+    # Ends right after the last member's data (no padding, no end blocks): whole, every way.
+    whole = path.read_bytes()[: 512 + 1024 + 512 + len(members[1][1])]
+    for fh in (io.BytesIO(whole), _Stream(whole)):
+        assert [name for name, _, _ in tar_members(fh)] == ["000000.jpg", "000000.npy"]
+
+
+@pytest.mark.parametrize("field", [b"-1110", b"1_0", b"+7"])
+def test_a_size_field_that_is_no_octal_number_is_damage(field):
+    """int() takes '-1110' and '1_0' in base 8; a tar's size field is octal digits only (a negative
+    size would have the reader seek back to the same header forever)."""
+    import io
+    import tarfile
+
+    from dist_sae.data.wds import TarError, tar_members
+
+    info = tarfile.TarInfo("0.jpg")
+    info.size = 3
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[124:136] = field.ljust(11, b" ") + b"\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data = bytes(header) + b"abc".ljust(512, b"\0") + b"\0" * 1024
+    with pytest.raises(TarError, match="not a tar header"):
+        list(tar_members(io.BytesIO(data)))
+    pax = tarfile.TarInfo("0.jpg")
+    pax.size, pax.pax_headers = 3, {"size": "\u00b2"}
+    data = pax.tobuf(tarfile.PAX_FORMAT) + b"abc".ljust(512, b"\0") + b"\0" * 1024
+    with pytest.raises(TarError, match="damaged pax header"):
+        list(tar_members(io.BytesIO(data)))
 
 
 def test_a_header_with_a_signed_checksum_is_read():
