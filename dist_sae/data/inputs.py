@@ -54,44 +54,26 @@ def _object_size(url: str) -> int | None:
     return None if meta is None else int(meta["size"])
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """What glob.glob(pattern, recursive=True) means on disk, over '/'-separated object names: `*`,
-    `?` and `[...]` stay within one level; `**` as a whole level is zero or more levels ('a/**/*.tar'
-    finds a/x.tar and a/b/c/x.tar; a trailing '**' everything below)."""
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        level_start = i == 0 or pattern[i - 1] == "/"
-        if level_start and pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-        elif level_start and pattern.startswith("**", i) and i + 2 == n:
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            j = i + 1 + (pattern[i + 1:i + 2] in ("!", "^"))
-            j = pattern.find("]", j + (pattern[j:j + 1] == "]"))  # a ']' first in the set is one of its characters
-            if j < 0:
-                out.append(re.escape(c))
-                i += 1
-                continue
-            body = pattern[i + 1:j].replace("\\", "\\\\")
-            out.append("(?!/)[" + ("^" + body[1:] if body[:1] in ("!", "^") else body) + "]")
-            i = j + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return re.compile("".join(out))
-
-
 def _glob_match(url: str, pattern: str) -> bool:
-    return _glob_regex(pattern).fullmatch(url) is not None
+    """What glob.glob(pattern, recursive=True) finds on disk, over '/'-separated object names: each
+    level matched by fnmatch (`*`, `?`, `[...]`, `[!...]`, as glob does); `**` as a whole level is
+    zero or more levels; names starting with '.' are matched only by a level that starts with '.'."""
+    return _levels_match(url.split("/"), pattern.split("/"))
+
+
+def _levels_match(names: list[str], levels: list[str]) -> bool:
+    import fnmatch
+
+    if not levels:
+        return not names
+    level = levels[0]
+    if level == "**":  # zero or more levels, none of them hidden
+        return any(_levels_match(names[i:], levels[1:]) for i in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:i]))
+    if not names:
+        return False
+    hidden = names[0].startswith(".") and not level.startswith(".")
+    return not hidden and fnmatch.fnmatchcase(names[0], level) and _levels_match(names[1:], levels[1:])
 
 
 def expand_inputs(pattern: str, suffixes: tuple[str, ...], what: str) -> list[tuple[str, int]]:

@@ -136,6 +136,9 @@ class ParquetSource(RecordSource):
                 columns_seen = columns_seen or list(schema.names)
                 self.skip(name, DataError(f"no column {column!r} (its columns: {', '.join(schema.names)})"))
                 continue
+            if schema.names.count(column) > 1:  # pyarrow writes such files; which one is meant is unknowable
+                self.skip(name, DataError(f"column {column!r} appears {schema.names.count(column)} times"))
+                continue
             ctype = schema.field(column).type
             kind = column_layout(ctype)
             values = str(ctype.value_type) if kind == "array" else None

@@ -15,8 +15,9 @@ WebDataset shards are already sized as units of parallel work (hundreds to thous
 
 Members are read as a stream (over a local file or a ranged reader of the object): memory holds
 one member, never the tar. The tar reader is tar_members below, not the standard library's tarfile
-nor the webdataset package (which iterates tarfile itself): measured 3.9x faster than either per
-member (dist_sae.bench.sources; docs/scaling.md), and a build spent a fifth of its time in tarfile.
+nor the webdataset package (which iterates tarfile itself): measured 3.9x faster per member than
+tarfile and 4.4x than the webdataset package (dist_sae.bench.sources; docs/scaling.md), and a
+build spent a fifth of its time in tarfile.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dist_sae.data.inputs import READ_BUFFER, expand_inputs, open_input
+from dist_sae.data.inputs import READ_BUFFER, RangedReader, expand_inputs, open_input
 from dist_sae.data.records import Payload, RecordSource, part_name
 from dist_sae.errors import DataError
 
@@ -50,7 +51,7 @@ class TarError(Exception):
 
 BLOCK = 512
 SKIP_PIECE = 2**20  # bytes read at a time to pass a member of a stream without a length
-SEEK_PAST = READ_BUFFER  # members at least this big that nobody reads are passed by a seek (the object reader's buffer: a seek drops it)
+SEEK_PAST = READ_BUFFER  # on an object, members this big that nobody reads are seeked past (a seek drops the reader's buffer)
 _OCTAL = re.compile(rb"[0-7]+")
 MAX_META = 2**20  # a pax or GNU long-name header larger than this is damage, not metadata
 
@@ -105,7 +106,7 @@ def _length(fh) -> int | None:
         return None
 
 
-def tar_members(fh, seek_past: int = SEEK_PAST) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+def tar_members(fh, seek_past: int | None = None) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """The regular files of a tar read as a stream: (name, size, read), where read() returns the
     member's bytes and must be called before the next member is asked for (or the member is skipped).
 
@@ -113,16 +114,19 @@ def tar_members(fh, seek_past: int = SEEK_PAST) -> Iterator[tuple[str, int, Call
     33,800 members/s (header parsing into TarInfo objects) and the webdataset package, which wraps
     it, 30,300; this reader of the same formats (ustar, pax and GNU long names) 133,000
     (docs/sources_bench.json). tarfile had taken a fifth of a build's time.
-    A member that is not read is read past in pieces of SKIP_PIECE bytes (memory holds at most the
-    member that is read), or, from `seek_past` bytes on and where the file has a length (a local file,
-    an object), seeked past: the next ranged GET starts after it, so a 2 GB video member beside an
-    image costs nothing. Smaller members are read, not seeked: the object reader drops its buffer on
-    a seek, and a seek per .cls member would be a ranged GET per member.
+    A member that is not read is seeked past where the file has a length, from `seek_past` bytes on
+    (default: every member of a local file; on an object, SEEK_PAST: the next ranged GET starts
+    after it, so a 2 GB video member beside an image costs nothing, while smaller members are read
+    past in the reader's buffer, since a seek drops it and a seek per .cls member would be a GET per
+    member). Without a length (a stream) it is read past in pieces of SKIP_PIECE bytes: memory
+    holds at most the member that is read.
     Raises TarError for a truncated member, a header whose checksum is wrong, or what is not a tar.
     """
     long_name: str | None = None
     pax: dict[str, str] = {}
     length = _length(fh)
+    if seek_past is None:
+        seek_past = SEEK_PAST if isinstance(fh, RangedReader) else 0
     while True:
         header = fh.read(BLOCK)
         if len(header) < BLOCK or header.count(0) == BLOCK:

@@ -298,3 +298,13 @@ def test_the_first_failed_footer_read_in_file_order_stops_the_rest(tmp_path):
 
     with pytest.raises(DataError, match="p00.parquet cannot be opened .PermissionError"):
         ParquetSource(str(tmp_path), opener=refusing)
+
+
+def test_a_file_with_the_column_twice_is_skipped_and_listed(tmp_path):
+    images = encoded_images(4, seed=3, size=SIZE)
+    binary_file(tmp_path / "a.parquet", images, 2)
+    twice = pa.Table.from_arrays([pa.array(images, pa.binary())] * 2, names=["image", "image"])
+    pq.write_table(twice, tmp_path / "b.parquet")
+    src = ParquetSource(str(tmp_path))
+    assert list(src.skipped) == ["b.parquet"] and "appears 2 times" in src.skipped["b.parquet"]
+    assert src.planned_rows == 4
