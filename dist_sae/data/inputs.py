@@ -7,6 +7,7 @@ retries); only the reading pattern differs from `localize`, which copies whole o
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import re
@@ -62,8 +63,6 @@ def _glob_match(url: str, pattern: str) -> bool:
 
 
 def _levels_match(names: list[str], levels: list[str]) -> bool:
-    import fnmatch
-
     if not levels:
         return not names
     level = levels[0]

@@ -21,6 +21,7 @@ build a different dataset from the same input; and a column no file has.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -101,6 +102,18 @@ class _Watched:
         self.fh.close()
 
 
+@functools.cache
+def _read_options() -> dict[str, Any]:
+    """pq.ParquetFile's options, looked up once: pre_buffer off and a small buffer, so pages are read
+    as decoded, not the column chunk at once; pages written with checksums verified (pyarrow >= 15)."""
+    import inspect
+
+    import pyarrow.parquet as pq
+
+    checks = "page_checksum_verification" in inspect.signature(pq.ParquetFile).parameters
+    return {"pre_buffer": False, "buffer_size": READ_BUFFER, **({"page_checksum_verification": True} if checks else {})}
+
+
 def _data_error(exc: BaseException) -> bool:
     """An error pyarrow raises for bytes it cannot decode (ArrowInvalid, a failed decompression or
     checksum, which pyarrow raises as OSError): the file's fault. Not running out of memory."""
@@ -177,14 +190,9 @@ class ParquetSource(RecordSource):
         return self.value_type == "uint8"
 
     def _parquet_file(self, fh):
-        import inspect
-
         import pyarrow.parquet as pq
 
-        # pre_buffer off and a small buffer: pages are read as decoded, not the column chunk at once.
-        # Pages written with checksums are verified (pyarrow >= 15 has the option).
-        checks = "page_checksum_verification" in inspect.signature(pq.ParquetFile).parameters
-        return pq.ParquetFile(fh, pre_buffer=False, buffer_size=READ_BUFFER, **({"page_checksum_verification": True} if checks else {}))
+        return pq.ParquetFile(fh, **_read_options())
 
     def _read_failed(self, location: str, watched: _Watched, exc: BaseException) -> DistSaeError:
         """The build-stopping error for a read that failed under pyarrow (the file's own error)."""
@@ -228,18 +236,24 @@ class ParquetSource(RecordSource):
         except Exception as exc:
             raise DataError(f"{loc} cannot be opened ({type(exc).__name__}: {exc})") from exc
 
-    def _footer(self, loc: str, nbytes: int) -> tuple[list[int], Any]:
+    def _parquet_at(self, loc: str, nbytes: int | None) -> tuple[_Watched, Any]:
+        """The file opened and its footer parsed: (watched file, ParquetFile). A read that fails
+        under pyarrow raises _read_failed (the build stops); a footer pyarrow cannot parse raises
+        pyarrow's own error (a damaged file). For the footers at the start and for every reopening."""
         watched = self._opened(loc, nbytes)
         try:
-            pf = self._parquet_file(watched)
-            meta = pf.metadata
-            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], pf.schema_arrow
-        except DistSaeError:
-            raise
-        except Exception as exc:
-            if watched.error is not None:
+            return watched, self._parquet_file(watched)
+        except BaseException as exc:
+            watched.close()
+            if isinstance(exc, Exception) and not isinstance(exc, DistSaeError) and watched.error is not None:
                 raise self._read_failed(loc, watched, exc) from exc
             raise
+
+    def _footer(self, loc: str, nbytes: int) -> tuple[list[int], Any]:
+        watched, pf = self._parquet_at(loc, nbytes)
+        try:
+            meta = pf.metadata
+            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], pf.schema_arrow
         finally:
             watched.close()
 
@@ -283,12 +297,7 @@ class ParquetSource(RecordSource):
     def _file(self, part: int):
         if self._open is None or self._open[0] != part:
             self.close()
-            watched = self._opened(self.parts[part], self.sizes[part])
-            try:
-                self._open = (part, watched, self._parquet_file(watched))
-            except BaseException:
-                watched.close()
-                raise
+            self._open = (part, *self._parquet_at(self.parts[part], self.sizes[part]))
         return self._open[1], self._open[2]
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ skipped and listed by name (`part:key`); the build goes on.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,11 +24,6 @@ log = logging.getLogger(__name__)
 
 # A record's data: encoded image bytes, a row of raw pixel values, or why the record has no image.
 Payload = bytes | np.ndarray | Exception
-
-
-def part_name(location: str) -> str:
-    """A part's file name (for a part named alone)."""
-    return os.path.basename(str(location).rstrip("/"))
 
 
 def part_names(locations: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dist_sae.data.inputs import READ_BUFFER, RangedReader, expand_inputs, open_input
-from dist_sae.data.records import Payload, RecordSource, part_name
+from dist_sae.data.records import Payload, RecordSource, part_names
 from dist_sae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def tar_records(location: str, size: int | None = None, image_key: str | None = 
     A tar that ends inside a member (truncated) or holds a damaged header ends with one entry for
     the record it was in; an empty tar is one entry naming the tar (`name`, by default its file name).
     """
-    name = name or part_name(location)
+    name = name or part_names([location])[0]
     wanted = (image_key,) if image_key else IMAGE_EXTS
     with open_input(location, size) as fh:
         key, exts, image, seen = None, [], None, False

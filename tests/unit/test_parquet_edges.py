@@ -92,6 +92,18 @@ def test_a_failed_read_stops_the_build_instead_of_dropping_the_row_group(tmp_pat
     np.testing.assert_array_equal(read_all(ok.path), expected_rows(images))
 
 
+def test_a_failed_read_while_reopening_the_file_stops_the_build_too(tmp_path):
+    """A worker opens the file again to read its row group: a read that fails there, in the footer,
+    is a failed read as at the start, not a damaged group to list."""
+    path = binary_file(tmp_path / "x.parquet", encoded_images(16, seed=4, size=SIZE), 8)
+    failing = []
+    src = ParquetSource(str(path), opener=lambda loc, size: FailingFile(loc, 0, 2**40, OSError(5, "Input/output error")) if failing else open(loc, "rb"))
+    src.close()
+    failing.append(True)
+    with pytest.raises(DataError, match=r"x.parquet cannot be read \(OSError.*build stops"):
+        next(src.item_records(1))
+
+
 def test_a_damaged_row_group_is_still_skipped_and_listed(tmp_path, capsys):
     """A page header overwritten (group 1) and, past the first batch, a page whose bytes fail its
     checksum (group 3 of 200 rows in pages of 16): the rest of each group listed, the build goes on."""
